@@ -1,0 +1,1 @@
+"""shapstream gateway and the core it shares with the workers."""

@@ -1,0 +1,1 @@
+"""shapstream TreeSHAP workers."""
