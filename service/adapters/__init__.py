@@ -1,0 +1,1 @@
+"""Adapters for the ports: Kafka, the embedded bus, Cassandra, SQLite."""

@@ -1,0 +1,1 @@
+"""TreeSHAP engines behind one interface."""

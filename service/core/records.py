@@ -1,0 +1,117 @@
+"""The decision event (what the gateway publishes) and the decision record (what is stored)."""
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+EVENT_SCHEMA_VERSION = 1
+
+FeatureValue = float | str | None
+Features = dict[str, FeatureValue]
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelRef(Wire):
+    name: str
+    version: str
+
+
+class BinaryPrediction(Wire):
+    task: Literal["binary"] = "binary"
+    probability: float
+    margin: float
+    decision: Literal["approve", "deny"]
+
+    @property
+    def margins(self) -> list[float]:
+        return [self.margin]
+
+
+class RegressionPrediction(Wire):
+    task: Literal["regression"] = "regression"
+    value: float
+    margin: float
+
+    @property
+    def margins(self) -> list[float]:
+        return [self.margin]
+
+
+class MulticlassPrediction(Wire):
+    task: Literal["multiclass"] = "multiclass"
+    # `class` is a keyword; the wire name stays `class`.
+    label: str = Field(alias="class")
+    probabilities: dict[str, float]
+    margins_by_class: dict[str, float] = Field(alias="margins")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @property
+    def margins(self) -> list[float]:
+        return list(self.margins_by_class.values())
+
+
+Prediction = Annotated[
+    BinaryPrediction | RegressionPrediction | MulticlassPrediction, Field(discriminator="task")
+]
+
+
+class DecisionEvent(Wire):
+    """Published by the gateway once per decision; the Kafka key is the transaction id."""
+
+    schema_version: Literal[1] = EVENT_SCHEMA_VERSION
+    transaction_id: str
+    model: ModelRef
+    features: Features
+    prediction: Prediction
+    decided_at: datetime
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", by_alias=True))
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> "DecisionEvent":
+        return cls.model_validate_json(payload)
+
+
+class DecisionRecord(Wire):
+    """The stored explanation of one decision, in the model's margin space.
+
+    `base_value` and each row of `attributions` have one entry per output (one output
+    unless multiclass); attribution columns follow the schema's feature order.
+    """
+
+    transaction_id: str
+    model: ModelRef
+    features: Features
+    prediction: Prediction
+    base_value: list[float]
+    attributions: list[list[float]]
+    additivity_error: float
+    engine: str
+    decided_at: datetime
+    explained_at: datetime
+
+
+class ModelArtifact(Wire):
+    """A model version as stored, so any worker can load the exact version an event names."""
+
+    name: str
+    version: str
+    schema_json: bytes
+    model_json: bytes
+
+
+class Claim(Wire):
+    """The first answer given for a transaction id: a repeat gets it back, never a new decision."""
+
+    transaction_id: str
+    request_hash: str
+    response: bytes
+    event: bytes
+    published: bool = False

@@ -1,0 +1,65 @@
+"""The two seams of the system: the event bus and the explanation store."""
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from service.core.records import Claim, DecisionEvent, DecisionRecord, ModelArtifact
+
+
+class EventBus(Protocol):
+    """Where the gateway publishes decisions (Kafka, or the embedded outbox)."""
+
+    async def publish(self, event: DecisionEvent) -> None:
+        """Return once the event is durable; raise `BusUnavailable` past the deadline."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class ConsumedBatch(Protocol):
+    """Events handed to a worker; `commit` acknowledges all of them."""
+
+    @property
+    def payloads(self) -> Sequence[bytes]: ...
+
+    async def commit(self) -> None: ...
+
+
+class EventSource(Protocol):
+    """What a worker consumes from (Kafka consumer group, or the embedded outbox)."""
+
+    async def next_batch(self, max_events: int, timeout_s: float) -> ConsumedBatch | None: ...
+
+    async def dead_letter(self, payload: bytes, reason: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class ExplanationStore(Protocol):
+    """Durable decision records, model versions and transaction claims."""
+
+    async def migrate(self) -> None:
+        """Create the schema if it is missing; safe to run any number of times."""
+        ...
+
+    async def put_model(self, artifact: ModelArtifact) -> None: ...
+
+    async def get_model(self, version: str) -> ModelArtifact | None: ...
+
+    async def claim(self, claim: Claim) -> Claim | None:
+        """Record `claim` unless the id is taken; return the existing claim if it is."""
+        ...
+
+    async def mark_published(self, transaction_id: str) -> None: ...
+
+    async def write(self, records: Sequence[DecisionRecord]) -> None:
+        """Upsert a batch; writing the same records again changes nothing."""
+        ...
+
+    async def get(self, transaction_id: str) -> DecisionRecord | None: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,69 @@
+"""All configuration, from environment variables prefixed SHAPSTREAM_."""
+
+from pathlib import Path
+from typing import Literal
+
+from platformdirs import user_data_path
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Regulation B (12 CFR 1002.12) keeps credit records at least 25 months; default is 7 years.
+DEFAULT_RETENTION_DAYS = 7 * 365 + 2
+
+
+def _default_data_dir() -> Path:
+    return user_data_path("shapstream", appauthor=False)
+
+
+class KafkaSettings(BaseModel):
+    bootstrap: str = "127.0.0.1:19092"
+    topic: str = "shapstream.decisions"
+    dead_letter_topic: str = "shapstream.decisions.dead-letter"
+    group_id: str = "shapstream-explainers"
+    partitions: int = Field(default=6, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    # aiokafka can wait forever on a dead broker (aio-libs/aiokafka#1101): bound every publish.
+    publish_timeout_s: float = Field(default=5.0, gt=0)
+    linger_ms: int = Field(default=0, ge=0)
+
+
+class CassandraSettings(BaseModel):
+    hosts: str = "127.0.0.1:19042"
+    keyspace: str = "shapstream"
+    replication_factor: int = Field(default=1, ge=1)
+    local_dc: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    # Partitions of the by-day table per (model version, day): bounded at 1,000 decisions/s.
+    day_buckets: int = Field(default=32, ge=1, le=1024)
+    write_concurrency: int = Field(default=64, ge=1)
+    request_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class WorkerSettings(BaseModel):
+    batch_max: int = Field(default=512, ge=1)
+    batch_timeout_ms: int = Field(default=20, ge=0)
+    engine: Literal["auto", "pred_contribs"] = "auto"
+    model_cache: int = Field(default=8, ge=1)
+
+
+class Settings(BaseSettings):
+    """One settings object per process, built in `main()` or `create_app()`, never at import."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SHAPSTREAM_",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="ignore",
+    )
+
+    mode: Literal["kafka", "embedded"] = "kafka"
+    models_dir: Path = Path("models")
+    default_model: str | None = None
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    retention_days: int = Field(default=DEFAULT_RETENTION_DAYS, ge=1)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    explanation_wait_max_s: float = Field(default=10.0, ge=0)
+    kafka: KafkaSettings = KafkaSettings()
+    cassandra: CassandraSettings = CassandraSettings()
+    worker: WorkerSettings = WorkerSettings()
