@@ -63,7 +63,6 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir)
     retention_days: int = Field(default=DEFAULT_RETENTION_DAYS, ge=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
-    explanation_wait_max_s: float = Field(default=10.0, ge=0)
     kafka: KafkaSettings = KafkaSettings()
     cassandra: CassandraSettings = CassandraSettings()
     worker: WorkerSettings = WorkerSettings()

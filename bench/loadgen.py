@@ -1,0 +1,146 @@
+"""A small HTTP/1.1 keep-alive load generator (httpx would be the bottleneck at 1,000 req/s)."""
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Body = Callable[[int], bytes]
+
+
+@dataclass
+class Result:
+    latencies_s: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    bodies: list[bytes] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> int:
+        return self.statuses.get(200, 0)
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies_s) / self.elapsed_s if self.elapsed_s else 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        if not self.latencies_s:
+            return float("nan")
+        ordered = sorted(self.latencies_s)
+        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.latencies_s)} requests, {self.rate:.0f} req/s, "
+            f"p50 {self.percentile_ms(0.5):.2f} ms, p99 {self.percentile_ms(0.99):.2f} ms, "
+            f"statuses {dict(sorted(self.statuses.items()))}"
+        )
+
+
+class Connection:
+    """One keep-alive connection; requests on it are sequential."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        assert self._reader is not None
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        self._writer.write(head + body)
+        status_line = await self._reader.readline()
+        status = int(status_line.split()[1])
+        length = 0
+        while (line := await self._reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        return status, await self._reader.readexactly(length)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            await self._writer.wait_closed()
+
+
+async def closed_loop(
+    host: str, port: int, path: str, body: Body, concurrency: int, seconds: float
+) -> Result:
+    """`concurrency` clients, each sending its next request as soon as the last is answered."""
+    result = Result()
+    deadline = time.perf_counter() + seconds
+    counter = iter(range(1 << 62))
+
+    async def client() -> None:
+        conn = Connection(host, port)
+        try:
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                status, _ = await conn.post(path, body(next(counter)))
+                result.latencies_s.append(time.perf_counter() - start)
+                result.statuses[status] = result.statuses.get(status, 0) + 1
+        finally:
+            await conn.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    result.elapsed_s = time.perf_counter() - start
+    return result
+
+
+async def open_loop(
+    host: str,
+    port: int,
+    path: str,
+    body: Body,
+    rate: float,
+    seconds: float,
+    connections: int = 64,
+    keep_bodies: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Result:
+    """Send at a fixed rate; latency counts from the scheduled time (no coordinated omission)."""
+    result = Result()
+    total = int(rate * seconds)
+    pool: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(connections):
+        pool.put_nowait(Connection(host, port))
+    start = time.perf_counter()
+
+    async def one(i: int, scheduled: float) -> None:
+        conn = await pool.get()
+        try:
+            status, payload = await conn.post(path, body(i))
+        finally:
+            pool.put_nowait(conn)
+        result.latencies_s.append(time.perf_counter() - scheduled)
+        result.statuses[status] = result.statuses.get(status, 0) + 1
+        if keep_bodies and status == 200:
+            result.bodies.append(payload)
+
+    tasks: list[asyncio.Task[None]] = []
+    for i in range(total):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, scheduled)))
+        if progress is not None and i and i % int(rate * 10) == 0:
+            progress(f"sent {i}/{total} ({time.perf_counter() - start:.0f} s)")
+    await asyncio.gather(*tasks)
+    result.elapsed_s = time.perf_counter() - start
+    while not pool.empty():
+        await pool.get_nowait().close()
+    return result
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")

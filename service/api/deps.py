@@ -1,0 +1,31 @@
+"""What routes receive: the state the lifespan opened."""
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.core.registry import ModelRegistry
+from service.metrics import Metrics
+from service.ports import EventBus, ExplanationStore
+from service.settings import Settings
+
+STATE_KEY = "shapstream"
+
+
+@dataclass(frozen=True)
+class AppState:
+    settings: Settings
+    registry: ModelRegistry
+    bus: EventBus
+    store: ExplanationStore
+    metrics: Metrics
+
+
+def get_state(request: Request) -> AppState:
+    state = getattr(request.state, STATE_KEY)
+    assert isinstance(state, AppState)
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]

@@ -1,0 +1,34 @@
+"""GET /v1/explanations/{transaction_id}: the stored explanation of one decision."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from service.api.deps import State
+from service.core.lookup import wait_for_record
+from service.core.views import ExplanationView, explanation_view
+from service.errors import NotFound
+
+router = APIRouter(tags=["explanations"])
+
+MAX_WAIT_S = 10.0
+
+
+@router.get(
+    "/v1/explanations/{transaction_id}",
+    response_model=ExplanationView,
+    responses={404: {"description": "unknown, or not explained yet"}},
+)
+async def get_explanation(
+    transaction_id: Annotated[str, Path(min_length=1, max_length=128)],
+    state: State,
+    wait: Annotated[
+        float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to wait for the explanation.")
+    ] = 0.0,
+) -> ExplanationView:
+    """The exact TreeSHAP explanation stored for a transaction."""
+    record = await wait_for_record(state.store, transaction_id, wait)
+    if record is None:
+        raise NotFound(f"No explanation for transaction {transaction_id!r} (yet).")
+    model = await state.registry.get_version(record.model.version, state.store.get_model)
+    return explanation_view(record, model.schema)

@@ -1,0 +1,90 @@
+"""Pure ASGI middleware (cheaper than BaseHTTPMiddleware on the hot path)."""
+
+import time
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.problems import problem_response
+from service.metrics import Metrics
+
+
+class BodyLimit:
+    """Refuse bodies over `max_bytes` with a 413 problem, whether announced or streamed.
+
+    Starlette's own limiter answers in plain text; every error here is problem+json.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge(self.max_bytes)
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"The request body is larger than {self.max_bytes} bytes."
+        response = problem_response(413, "payload-too-large", "Payload too large", detail)
+        await response(scope, receive, send)
+
+
+class _TooLarge(HTTPException):
+    # An HTTPException: FastAPI turns any other error raised while reading a body into a 400.
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"The request body is larger than {max_bytes} bytes.")
+
+
+class RequestMetrics:
+    """Count and time requests by route template (never by raw path: unbounded labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def recorded(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recorded)
+        finally:
+            route = _route_template(scope)
+            method = scope["method"]
+            elapsed = time.perf_counter() - start
+            self.metrics.request_seconds.labels(method, route).observe(elapsed)
+            self.metrics.requests.labels(method, route, str(status)).inc()
+
+
+def _route_template(scope: Scope) -> str:
+    # Routing stores the matched route in the scope; nothing matched means a 404 or 405.
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else "unmatched"

@@ -1,0 +1,42 @@
+"""POST /v1/predictions: score, publish, answer."""
+
+from typing import Annotated
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from service.api.deps import State
+from service.core.decisions import Decider, DecisionResponse
+
+router = APIRouter(tags=["predictions"])
+
+TransactionId = Annotated[
+    str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+]
+
+
+class PredictionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    features: dict[str, JsonValue] = Field(
+        description="Every feature of the model's schema; null marks a missing value."
+    )
+    transaction_id: TransactionId | None = Field(
+        default=None, description="Your id; the same id never yields two decisions."
+    )
+    model: str | None = Field(default=None, description="Model name; the default if omitted.")
+
+
+@router.post(
+    "/v1/predictions",
+    response_model=DecisionResponse,
+    responses={
+        409: {"description": "transaction_id reused for a different request"},
+        422: {"description": "invalid features"},
+        503: {"description": "the event bus did not acknowledge; retry with the same id"},
+    },
+)
+async def predict(body: PredictionRequest, state: State) -> DecisionResponse:
+    """Decide, and guarantee the decision's explanation will be stored."""
+    decider = Decider(state.registry, state.bus, state.store, state.metrics)
+    return await decider.decide(body.features, body.model, body.transaction_id)

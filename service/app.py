@@ -1,0 +1,42 @@
+"""The FastAPI application factory."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api import explanations, health, models, predictions
+from service.api.deps import STATE_KEY
+from service.api.middleware import BodyLimit, RequestMetrics
+from service.api.problems import install_problem_handlers
+from service.metrics import Metrics, create_metrics
+from service.resources import open_resources
+from service.settings import Settings
+
+DESCRIPTION = (
+    "Scores XGBoost decisions in milliseconds and stores the exact TreeSHAP explanation of "
+    "each one under its transaction id."
+)
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
+    """Build the app; its lifespan opens the registry, bus and store and closes them."""
+    app_metrics = metrics if metrics is not None else create_metrics()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, object]]:
+        async with open_resources(settings, app_metrics) as state:
+            yield {STATE_KEY: state}
+
+    app = FastAPI(
+        title="shapstream",
+        description=DESCRIPTION,
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_problem_handlers(app)
+    for router in (predictions.router, explanations.router, models.router, health.router):
+        app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=app_metrics)
+    return app

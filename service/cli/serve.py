@@ -1,0 +1,47 @@
+"""`shapstream serve` (Kafka + Cassandra) and `shapstream run` (embedded, one process)."""
+
+from typing import Annotated
+
+import typer
+
+from service.settings import Settings
+
+Host = Annotated[str, typer.Option(help="Interface to listen on.")]
+Port = Annotated[int, typer.Option(help="TCP port to listen on.")]
+
+
+def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
+    """Start the gateway against Kafka and Cassandra (SHAPSTREAM_KAFKA_BOOTSTRAP, ..._HOSTS)."""
+    settings = Settings(mode="kafka")
+    typer.echo(
+        f"shapstream gateway: Kafka {settings.kafka.bootstrap}, "
+        f"Cassandra {settings.cassandra.hosts}, models {settings.models_dir}"
+    )
+    _listen(settings, host, port)
+
+
+def run(host: Host = "127.0.0.1", port: Port = 8000) -> None:
+    """Start everything in one process: gateway, worker, SQLite store, in-process bus."""
+    settings = Settings(mode="embedded")
+    typer.echo(f"shapstream (embedded): state in {settings.data_dir}, models {settings.models_dir}")
+    typer.echo(f"  API   http://{host}:{port}/v1/predictions")
+    typer.echo(f"  docs  http://{host}:{port}/docs")
+    _listen(settings, host, port)
+
+
+def _listen(settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    from service.app import create_app
+    from service.logs import configure_logging
+
+    configure_logging()
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_config=None,
+    )

@@ -1,0 +1,70 @@
+"""Opening and closing what the gateway needs, for Kafka mode or the embedded mode."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from service.api.deps import AppState
+from service.core.registry import ModelRegistry
+from service.metrics import Metrics
+from service.ports import EventBus, ExplanationStore
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def open_resources(settings: Settings, metrics: Metrics) -> AsyncIterator[AppState]:
+    """Registry, store and bus (plus the in-process worker in embedded mode), closed on exit."""
+    registry = ModelRegistry.from_settings(settings)
+    async with AsyncExitStack() as stack:
+        if settings.mode == "kafka":
+            bus, store = await _open_kafka_mode(settings, metrics, stack)
+        else:
+            bus, store = await _open_embedded_mode(settings, metrics, registry, stack)
+        for model in registry.models():
+            # Workers load the exact version an event names from here, on any machine.
+            await store.put_model(model.artifact())
+            log.info("serving %s version %s", model.name, model.version)
+        yield AppState(settings, registry, bus, store, metrics)
+
+
+async def _open_kafka_mode(
+    settings: Settings, metrics: Metrics, stack: AsyncExitStack
+) -> tuple[EventBus, ExplanationStore]:
+    from service.adapters.cassandra_store import CassandraStore
+    from service.adapters.kafka_bus import KafkaBus, ensure_topics
+
+    store = await CassandraStore.from_settings(settings)
+    stack.push_async_callback(store.close)
+    await store.migrate()
+    await ensure_topics(settings.kafka)
+    bus = await KafkaBus.open(settings.kafka, metrics)
+    stack.push_async_callback(bus.close)
+    return bus, store
+
+
+async def _open_embedded_mode(
+    settings: Settings, metrics: Metrics, registry: ModelRegistry, stack: AsyncExitStack
+) -> tuple[EventBus, ExplanationStore]:
+    from service.adapters.local_bus import open_local_bus
+    from service.adapters.sqlite_store import SqliteStore
+    from workers.explainer import ExplainerWorker
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = await SqliteStore.from_settings(settings)
+    stack.push_async_callback(store.close)
+    await store.migrate()
+    bus = await open_local_bus(settings, metrics)
+    stack.push_async_callback(bus.close)
+    worker = ExplainerWorker(bus, store, registry, settings.worker, metrics)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop), name="embedded-explainer")
+
+    async def stop_worker() -> None:
+        stop.set()
+        await task
+
+    stack.push_async_callback(stop_worker)
+    return bus, store
