@@ -1,0 +1,1 @@
+"""Local servers for development and the integration tests (see services.py)."""

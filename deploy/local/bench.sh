@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# `make bench`: every benchmark, each printing ratios to a baseline measured in the same run.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=.venv/bin/python
+SERVICES="$PY deploy/local/services.py"
+mkdir -p bench/out
+
+echo "==> TreeSHAP engines on the two reference models"
+bash bench/engine.sh
+
+# Stop only what this run starts: servers a developer already had running stay up.
+if $SERVICES status >/dev/null 2>&1; then
+  echo "==> using the Kafka and Cassandra already running"
+else
+  trap '$SERVICES stop' EXIT
+  echo "==> starting Kafka and Cassandra"
+fi
+$SERVICES start
+eval "$($SERVICES env)"
+
+echo "==> gateway vs a minimal FastAPI handler"
+$PY -m bench.gateway "$@"
+
+echo "==> end to end: 1,000 decisions/s for 60 s"
+$PY -m bench.e2e --rate 1000 --seconds 60
