@@ -1,12 +1,13 @@
 """The decision event (what the gateway publishes) and the decision record (what is stored)."""
 
+import warnings
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-EVENT_SCHEMA_VERSION = 1
+EVENT_SCHEMA_VERSION: Final = 1
 
 FeatureValue = float | str | None
 Features = dict[str, FeatureValue]
@@ -98,13 +99,18 @@ class DecisionRecord(Wire):
     explained_at: datetime
 
 
-class ModelArtifact(Wire):
-    """A model version as stored, so any worker can load the exact version an event names."""
+# `schema_json` shadows pydantic's deprecated `BaseModel.schema_json()`; the field is the
+# stored name, and pydantic's warning about it would fail every test (warnings are errors).
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "schema_json"', category=UserWarning)
 
-    name: str
-    version: str
-    schema_json: bytes
-    model_json: bytes
+    class ModelArtifact(Wire):
+        """A model version as stored, so any worker can load the exact version an event names."""
+
+        name: str
+        version: str
+        schema_json: bytes  # type: ignore[assignment]
+        model_json: bytes
 
 
 class Claim(Wire):

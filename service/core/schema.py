@@ -1,12 +1,12 @@
 """The feature schema of a model: what a request must carry and how it is encoded."""
 
 from enum import StrEnum
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_FILE = "schema.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 
 class FeatureType(StrEnum):
@@ -35,6 +35,7 @@ class Feature(Frozen):
     maximum: float | None = None
     nullable: bool = True
     monotone: Literal[-1, 0, 1] = 0
+    description: str = ""
     # Filled in by later work on reason codes; kept here so schemas stay forward compatible.
     family: str | None = None
     reason: str | None = None

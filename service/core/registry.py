@@ -1,0 +1,529 @@
+"""Model directories, their content-hash versions, input encoding and scoring."""
+
+import asyncio
+import hashlib
+import itertools
+import math
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import xgboost as xgb
+from numpy.typing import NDArray
+
+from service.core.engine.base import FloatMatrix
+from service.core.records import (
+    BinaryPrediction,
+    ModelArtifact,
+    MulticlassPrediction,
+    RegressionPrediction,
+)
+from service.core.schema import SCHEMA_FILE, FeatureType, ModelSchema, Task
+from service.settings import Settings
+
+AnyPrediction = BinaryPrediction | RegressionPrediction | MulticlassPrediction
+ArtifactLoader = Callable[[str], Awaitable[ModelArtifact | None]]
+
+_F32_MAX = float(np.finfo(np.float32).max)
+# Listing the allowed categories helps a caller fix a request; past this many it is noise.
+_MAX_LISTED_CATEGORIES = 12
+
+
+class ModelError(Exception):
+    """A model directory, artifact or version that cannot be served."""
+
+
+class InvalidModel(ModelError):
+    """The model file and schema do not form a servable model."""
+
+
+class UnknownModel(ModelError, LookupError):
+    """No model (or model version) by that name is known."""
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """Why one input field was rejected; `row` is set for batch input."""
+
+    field: str
+    reason: str
+    row: int | None = None
+
+
+class InvalidFeatures(ValueError):
+    """The input does not match the model's schema; `errors` names every bad field."""
+
+    def __init__(self, errors: Sequence[FieldError]) -> None:
+        self.errors: list[FieldError] = list(errors)
+        super().__init__("; ".join(f"{e.field}: {e.reason}" for e in self.errors))
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBatch:
+    """The valid rows of a batch, encoded, and why the others were rejected."""
+
+    x: FloatMatrix
+    rows: list[int]
+    errors: dict[int, list[FieldError]] = field(default_factory=dict)
+
+
+def canonical_schema_json(schema: ModelSchema) -> bytes:
+    """The schema as sorted-key compact JSON: the form that is hashed and stored."""
+    return orjson.dumps(schema.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+
+
+def model_version(model_bytes: bytes, schema: ModelSchema) -> str:
+    """Content hash (sha256 hex) of the model file and the canonical schema."""
+    digest = hashlib.sha256()
+    # Length prefixes make the concatenation unambiguous.
+    for part in (model_bytes, canonical_schema_json(schema)):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def load_booster(model_bytes: bytes) -> xgb.Booster:
+    """A booster from JSON or UBJ bytes, set to one thread (OpenMP oversubscription)."""
+    booster = xgb.Booster(model_file=bytearray(model_bytes))
+    booster.set_param({"nthread": 1})
+    return booster
+
+
+def booster_config(booster: xgb.Booster) -> dict[str, Any]:
+    """The booster's learner configuration (objective, class and target counts)."""
+    learner: dict[str, Any] = orjson.loads(booster.save_config())["learner"]
+    return learner
+
+
+def booster_categories(booster: xgb.Booster) -> dict[str, tuple[str, ...]]:
+    """Categories the booster stored (xgboost >= 3.1, trained from a DataFrame), by feature.
+
+    The order is the training order, so a category's position is its code. Numeric
+    categories are given as their decimal text.
+    """
+    booster_json = orjson.loads(booster.save_raw("json"))["learner"]["gradient_booster"]
+    # dart nests its trees one level deeper than gbtree.
+    trees = booster_json.get("gbtree", booster_json).get("model", {})
+    encodings = trees.get("cats", {}).get("enc", [])
+    names = booster.feature_names or [f"f{i}" for i in range(booster.num_features())]
+    found: dict[str, tuple[str, ...]] = {}
+    for name, enc in zip(names, encodings, strict=False):
+        values = enc.get("values", [])
+        if not values:
+            continue
+        if "offsets" in enc:
+            raw = bytes(values)
+            offsets = enc["offsets"]
+            found[name] = tuple(raw[a:b].decode("utf-8") for a, b in itertools.pairwise(offsets))
+        else:
+            found[name] = tuple(_number_label(v) for v in values)
+    return found
+
+
+def _number_label(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _sigmoid(margin: float) -> float:
+    # Split by sign so exp never overflows.
+    if margin >= 0:
+        return 1.0 / (1.0 + math.exp(-margin))
+    z = math.exp(margin)
+    return z / (1.0 + z)
+
+
+def _exp(margin: float) -> float:
+    return math.exp(margin)
+
+
+def _identity(margin: float) -> float:
+    return margin
+
+
+# Objectives whose prediction is a known function of the single margin. Anything else
+# (ranking, survival, hinge, multi-target) is refused at load rather than guessed.
+_REGRESSION_LINKS: dict[str, Callable[[float], float]] = {
+    "reg:squarederror": _identity,
+    "reg:absoluteerror": _identity,
+    "reg:pseudohubererror": _identity,
+    "reg:quantileerror": _identity,
+    "reg:logistic": _sigmoid,
+    "count:poisson": _exp,
+    "reg:gamma": _exp,
+    "reg:tweedie": _exp,
+}
+_BINARY_OBJECTIVES = frozenset({"binary:logistic", "binary:logitraw"})
+_MULTICLASS_OBJECTIVES = frozenset({"multi:softprob", "multi:softmax"})
+
+
+def check_objective(task: Task, objective: str, num_class: int, classes: int) -> None:
+    """Refuse a schema task the booster's objective does not support."""
+    if task is Task.BINARY and objective not in _BINARY_OBJECTIVES:
+        raise InvalidModel(f"objective {objective!r} is not a binary classifier")
+    if task is Task.REGRESSION and objective not in _REGRESSION_LINKS:
+        supported = ", ".join(sorted(_REGRESSION_LINKS))
+        raise InvalidModel(f"regression objective {objective!r} is not supported ({supported})")
+    if task is Task.MULTICLASS:
+        if objective not in _MULTICLASS_OBJECTIVES:
+            raise InvalidModel(f"objective {objective!r} is not a multiclass classifier")
+        if num_class != classes:
+            raise InvalidModel(f"the model has {num_class} classes, the schema names {classes}")
+
+
+def task_for_objective(objective: str) -> Task:
+    """The task an objective serves; raises InvalidModel for unsupported objectives."""
+    if objective in _BINARY_OBJECTIVES:
+        return Task.BINARY
+    if objective in _MULTICLASS_OBJECTIVES:
+        return Task.MULTICLASS
+    if objective in _REGRESSION_LINKS:
+        return Task.REGRESSION
+    raise InvalidModel(f"objective {objective!r} is not supported")
+
+
+@dataclass(frozen=True, slots=True)
+class _Column:
+    """Precomputed encoding of one schema feature."""
+
+    name: str
+    codes: dict[str, float] | None
+    minimum: float | None
+    maximum: float | None
+    nullable: bool
+    unknown_reason: str
+
+
+def _columns(schema: ModelSchema) -> tuple[_Column, ...]:
+    columns = []
+    for feature in schema.features:
+        codes = None
+        reason = ""
+        if feature.type is FeatureType.CATEGORICAL:
+            codes = {label: float(code) for code, label in enumerate(feature.categories)}
+            reason = "unknown category"
+            if len(feature.categories) <= _MAX_LISTED_CATEGORIES:
+                reason += "; expected one of: " + ", ".join(feature.categories)
+        columns.append(
+            _Column(feature.name, codes, feature.minimum, feature.maximum, feature.nullable, reason)
+        )
+    return tuple(columns)
+
+
+def _check_features(schema: ModelSchema, booster: xgb.Booster) -> None:
+    if booster.num_features() != len(schema.features):
+        raise InvalidModel(
+            f"the model has {booster.num_features()} features, the schema {len(schema.features)}"
+        )
+    if booster.feature_names is not None and booster.feature_names != schema.feature_names:
+        raise InvalidModel("feature names or order differ from the model's")
+    types = booster.feature_types or ["q"] * booster.num_features()
+    for feature, kind in zip(schema.features, types, strict=True):
+        if (kind == "c") != (feature.type is FeatureType.CATEGORICAL):
+            raise InvalidModel(f"{feature.name!r} is {kind!r} in the model")
+    stored = booster_categories(booster)
+    for feature in schema.features:
+        if feature.name in stored and stored[feature.name] != feature.categories:
+            raise InvalidModel(
+                f"categories of {feature.name!r} differ from the ones the model was trained "
+                "with (order matters: a position is a code)"
+            )
+
+
+def _check_objective(schema: ModelSchema, booster: xgb.Booster) -> None:
+    learner = booster_config(booster)
+    params = learner["learner_model_param"]
+    if int(params.get("num_target", "1")) != 1:
+        raise InvalidModel("multi-target models are not supported")
+    check_objective(
+        schema.task,
+        learner["objective"]["name"],
+        int(params.get("num_class", "0")),
+        len(schema.classes),
+    )
+
+
+class LoadedModel:
+    """One model version in memory: schema, booster, encoder and scorer."""
+
+    def __init__(self, schema: ModelSchema, model_bytes: bytes) -> None:
+        self.schema = schema
+        self.name = schema.name
+        self.model_bytes = model_bytes
+        self.version = model_version(model_bytes, schema)
+        try:
+            self.booster = load_booster(model_bytes)
+        except xgb.core.XGBoostError as exc:
+            raise InvalidModel(f"{schema.name}: the model file cannot be loaded") from exc
+        self._check_booster()
+        self._columns = _columns(schema)
+        self._names = frozenset(schema.feature_names)
+        self._n = len(schema.features)
+        objective = booster_config(self.booster)["objective"]["name"]
+        self._link = _REGRESSION_LINKS.get(objective, _identity)
+
+    @classmethod
+    def from_directory(cls, path: Path) -> "LoadedModel":
+        """Load the model directory at `path` (schema.json and the model file it names)."""
+        try:
+            schema = ModelSchema.model_validate_json((path / SCHEMA_FILE).read_bytes())
+            model_bytes = (path / schema.model_file).read_bytes()
+        except (OSError, ValueError) as exc:
+            raise InvalidModel(f"{path}: {exc}") from exc
+        return cls(schema, model_bytes)
+
+    @classmethod
+    def from_artifact(cls, artifact: ModelArtifact) -> "LoadedModel":
+        """Load a stored version; raises InvalidModel unless it hashes to its version."""
+        try:
+            schema = ModelSchema.model_validate_json(artifact.schema_json)
+        except ValueError as exc:
+            raise InvalidModel(f"artifact {artifact.version}: invalid schema") from exc
+        model = cls(schema, artifact.model_json)
+        if model.version != artifact.version or model.name != artifact.name:
+            raise InvalidModel(
+                f"artifact {artifact.name}@{artifact.version} hashes to "
+                f"{model.name}@{model.version}: refusing a tampered or corrupt model"
+            )
+        return model
+
+    def artifact(self) -> ModelArtifact:
+        """This version as stored, so a worker can load it later by version."""
+        return ModelArtifact(
+            name=self.name,
+            version=self.version,
+            schema_json=canonical_schema_json(self.schema),
+            model_json=self.model_bytes,
+        )
+
+    @property
+    def outputs(self) -> int:
+        """Margin columns per row (one per class for multiclass, else one)."""
+        return self.schema.outputs
+
+    def _check_booster(self) -> None:
+        """Refuse a schema that does not describe this booster."""
+        try:
+            _check_features(self.schema, self.booster)
+            _check_objective(self.schema, self.booster)
+        except InvalidModel as exc:
+            raise InvalidModel(f"{self.schema.name}: {exc}") from None
+
+    def _encode_row(
+        self, features: Mapping[str, object], values: list[float], row: int | None
+    ) -> list[FieldError]:
+        """Encode into `values`; return the errors (empty when the row is valid)."""
+        errors: list[FieldError] = []
+        for i, col in enumerate(self._columns):
+            encoded = _encode_value(col, features.get(col.name, _ABSENT))
+            if isinstance(encoded, str):
+                errors.append(FieldError(col.name, encoded, row))
+            else:
+                values[i] = encoded
+        if len(features) != self._n or errors:
+            # Only look for unknown names when the count says there are some (hot path).
+            errors.extend(
+                FieldError(name, "unknown feature", row)
+                for name in features
+                if name not in self._names
+            )
+        return errors
+
+    def encode(self, features: Mapping[str, object]) -> NDArray[np.float32]:
+        """One request as a float32 row; raises InvalidFeatures naming every bad field."""
+        values = [math.nan] * self._n
+        errors = self._encode_row(features, values, None)
+        if errors:
+            raise InvalidFeatures(errors)
+        return np.array(values, dtype=np.float32)
+
+    def encode_batch(self, rows: Sequence[Mapping[str, object]]) -> EncodedBatch:
+        """Encode the valid rows into one C-contiguous matrix; collect the others' errors."""
+        encoded: list[list[float]] = []
+        kept: list[int] = []
+        errors: dict[int, list[FieldError]] = {}
+        for index, features in enumerate(rows):
+            values = [math.nan] * self._n
+            row_errors = self._encode_row(features, values, index)
+            if row_errors:
+                errors[index] = row_errors
+            else:
+                encoded.append(values)
+                kept.append(index)
+        x = np.array(encoded, dtype=np.float32).reshape(len(encoded), self._n)
+        return EncodedBatch(x, kept, errors)
+
+    def encode_many(self, rows: Sequence[Mapping[str, object]]) -> FloatMatrix:
+        """All rows as a float32 matrix; raises InvalidFeatures naming every bad field."""
+        batch = self.encode_batch(rows)
+        if batch.errors:
+            raise InvalidFeatures([e for row in batch.errors.values() for e in row])
+        return batch.x
+
+    def predict_margins(self, x: FloatMatrix) -> NDArray[np.float64]:
+        """Raw margins, shape (rows, outputs)."""
+        # inplace_predict reads category codes like a DMatrix does and is about 2x
+        # faster for one row (no DMatrix to build).
+        margins = self.booster.inplace_predict(
+            x, predict_type="margin", strict_shape=True, validate_features=False
+        )
+        return np.asarray(margins, dtype=np.float64).reshape(x.shape[0], self.outputs)
+
+    def prediction(self, margins: Sequence[float] | NDArray[np.floating[Any]]) -> AnyPrediction:
+        """The served prediction for one row's margins."""
+        schema = self.schema
+        if schema.task is Task.BINARY:
+            assert schema.decision is not None  # the schema validator guarantees it
+            margin = float(margins[0])
+            probability = _sigmoid(margin)
+            deny = probability >= schema.decision.deny_at_or_above
+            return BinaryPrediction(
+                probability=probability, margin=margin, decision="deny" if deny else "approve"
+            )
+        if schema.task is Task.REGRESSION:
+            margin = float(margins[0])
+            return RegressionPrediction(value=self._link(margin), margin=margin)
+        values = [float(m) for m in margins]
+        top = max(values)
+        weights = [math.exp(m - top) for m in values]
+        total = sum(weights)
+        best = values.index(top)
+        return MulticlassPrediction(
+            label=schema.classes[best],
+            probabilities={c: w / total for c, w in zip(schema.classes, weights, strict=True)},
+            margins_by_class=dict(zip(schema.classes, values, strict=True)),
+        )
+
+    def predict(self, features: Mapping[str, object]) -> AnyPrediction:
+        """Validate, encode and score one request."""
+        row = self.encode(features)
+        return self.prediction(self.predict_margins(row.reshape(1, -1))[0])
+
+
+class _Absent:
+    """Marks a feature the request did not carry (unlike an explicit null)."""
+
+
+_ABSENT: Any = _Absent()
+
+
+def _encode_value(col: _Column, value: object) -> float | str:
+    """The float the booster reads for `value`, or why `value` is not acceptable."""
+    if value is None:
+        return math.nan if col.nullable else "must not be null"
+    if value is _ABSENT:
+        return "missing"
+    if col.codes is not None:
+        code = col.codes.get(value) if isinstance(value, str) else None
+        return col.unknown_reason if code is None else code
+    # bool is an int subclass, but `true` is no amount of anything.
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "must be a number"
+    try:
+        number = float(value)
+    except OverflowError:
+        return "must be a finite number"
+    if not math.isfinite(number) or abs(number) > _F32_MAX:
+        return "must be a finite number"
+    if col.minimum is not None and number < col.minimum:
+        return f"must be >= {col.minimum:g}"
+    if col.maximum is not None and number > col.maximum:
+        return f"must be <= {col.maximum:g}"
+    return number
+
+
+class ModelRegistry:
+    """The active version of each model, plus older versions loaded on demand for workers."""
+
+    def __init__(
+        self,
+        models: Iterable[LoadedModel],
+        *,
+        default_model: str | None = None,
+        cache_size: int = 8,
+    ) -> None:
+        self._active: dict[str, LoadedModel] = {}
+        for model in models:
+            if model.name in self._active:
+                raise InvalidModel(f"two model directories are named {model.name!r}")
+            self._active[model.name] = model
+        self._by_version = {m.version: m for m in self._active.values()}
+        if default_model is not None and default_model not in self._active:
+            raise UnknownModel(f"default model {default_model!r} is not in the registry")
+        self._default = default_model or min(self._active, default=None)
+        self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._cache_size = cache_size
+        self._load_lock = asyncio.Lock()
+
+    @classmethod
+    def scan(
+        cls, models_dir: Path, *, default_model: str | None = None, cache_size: int = 8
+    ) -> "ModelRegistry":
+        """Load every subdirectory of `models_dir` that holds a schema.json."""
+        dirs = sorted(p for p in models_dir.iterdir() if (p / SCHEMA_FILE).is_file())
+        models = [LoadedModel.from_directory(d) for d in dirs]
+        return cls(models, default_model=default_model, cache_size=cache_size)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ModelRegistry":
+        """The registry the settings describe."""
+        return cls.scan(
+            settings.models_dir,
+            default_model=settings.default_model,
+            cache_size=settings.worker.model_cache,
+        )
+
+    def models(self) -> list[LoadedModel]:
+        """The active version of every model, by name."""
+        return [self._active[name] for name in sorted(self._active)]
+
+    @property
+    def default_name(self) -> str | None:
+        """The model served when a request names none (None when no model is loaded)."""
+        return self._default
+
+    def active(self, name: str | None = None) -> LoadedModel:
+        """The active version of `name` (the default model when None)."""
+        if name is None:
+            if self._default is None:
+                raise UnknownModel("no model is loaded")
+            name = self._default
+        try:
+            return self._active[name]
+        except KeyError:
+            raise UnknownModel(f"unknown model {name!r}") from None
+
+    def known_version(self, version: str) -> LoadedModel | None:
+        """A version already in memory, if any."""
+        model = self._by_version.get(version)
+        if model is not None:
+            return model
+        model = self._cache.get(version)
+        if model is not None:
+            self._cache.move_to_end(version)
+        return model
+
+    async def get_version(self, version: str, loader: ArtifactLoader) -> LoadedModel:
+        """The exact version `version`, loaded through `loader` when not in memory."""
+        model = self.known_version(version)
+        if model is not None:
+            return model
+        # Loads are rare (an older version after a deploy); one at a time keeps it simple
+        # and stops concurrent batches from loading the same version twice.
+        async with self._load_lock:
+            model = self.known_version(version)
+            if model is not None:
+                return model
+            artifact = await loader(version)
+            if artifact is None:
+                raise UnknownModel(f"model version {version} is not in the store")
+            if artifact.version != version:
+                raise InvalidModel(f"asked for version {version}, got {artifact.version}")
+            model = await asyncio.to_thread(LoadedModel.from_artifact, artifact)
+            self._cache[version] = model
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return model

@@ -1,0 +1,153 @@
+"""The embedded mode (SQLite store, in-process bus and worker) answers the same API."""
+
+from collections.abc import AsyncIterator, AsyncIterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import xgboost as xgb
+
+from service.app import create_app
+from service.core.registry import LoadedModel
+from service.settings import Settings
+from tests.http import MODELS, asgi_client, german_rows, problem_fields
+
+ROWS = german_rows(40)
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    settings = Settings(mode="embedded", data_dir=tmp_path, models_dir=MODELS)
+    async with asgi_client(create_app(settings)) as c:
+        yield c
+
+
+def pred_contribs(features: dict[str, Any]) -> np.ndarray:
+    """xgboost's own attributions for one request, the correctness reference."""
+    model = LoadedModel.from_directory(MODELS / "german-credit")
+    matrix = xgb.DMatrix(
+        model.encode_many([features]),
+        feature_names=model.schema.feature_names,
+        feature_types=model.booster.feature_types,
+        enable_categorical=True,
+        nthread=1,
+    )
+    contribs: np.ndarray = model.booster.predict(matrix, pred_contribs=True)[0]
+    return contribs
+
+
+async def test_prediction_is_explained_exactly(client: httpx.AsyncClient) -> None:
+    features = {**ROWS[3], "savings_account_and_bonds": None, "credit_amount": None}
+    answer = await client.post("/v1/predictions", json={"features": features})
+    assert answer.status_code == 200, answer.text
+    decision = answer.json()
+    assert decision["prediction"]["decision"] in {"approve", "deny"}
+
+    found = await client.get(f"/v1/explanations/{decision['transaction_id']}", params={"wait": 10})
+    assert found.status_code == 200, found.text
+    explanation = found.json()
+    reference = pred_contribs(features)
+    names = list(explanation["attributions"])
+    assert names == list(features)
+    ours = np.array([explanation["attributions"][n] for n in names] + [explanation["base_value"]])
+    assert np.max(np.abs(ours - reference)) <= 1e-5
+    assert explanation["additivity_error"] <= 1e-4
+    assert explanation["prediction"] == decision["prediction"]
+    assert explanation["model"] == decision["model"]
+
+
+async def test_repeated_transaction_id_gives_the_same_answer(client: httpx.AsyncClient) -> None:
+    body = {"features": ROWS[0], "transaction_id": "loan-0001"}
+    first = await client.post("/v1/predictions", json=body)
+    again = await client.post("/v1/predictions", json=body)
+    assert first.status_code == again.status_code == 200
+    assert first.json() == again.json()
+
+    changed = {**body, "features": {**ROWS[0], "duration_in_month": 60}}
+    conflict = await client.post("/v1/predictions", json=changed)
+    assert conflict.status_code == 409
+    assert problem_fields(conflict) == {"transaction_id"}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"drop": "duration_in_month"}, "features.duration_in_month"),
+        ({"set": {"favourite_colour": "blue"}}, "features.favourite_colour"),
+        ({"set": {"credit_amount": "a lot"}}, "features.credit_amount"),
+        ({"set": {"credit_amount": True}}, "features.credit_amount"),
+        ({"set": {"purpose": "yacht"}}, "features.purpose"),
+        ({"set": {"purpose": 3}}, "features.purpose"),
+    ],
+)
+async def test_bad_features_are_named(
+    client: httpx.AsyncClient, change: dict[str, Any], field: str
+) -> None:
+    features = dict(ROWS[1])
+    features.pop(change.get("drop", ""), None)
+    features.update(change.get("set", {}))
+    answer = await client.post("/v1/predictions", json={"features": features})
+    assert answer.status_code == 422
+    assert problem_fields(answer) == {field}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        (b'{"features": {', 400, "body"),
+        (b"[1, 2]", 422, "body"),
+        (b'{"features": {}, "surprise": 1}', 422, "surprise"),
+        (b'{"features": {}, "transaction_id": "has space"}', 422, "transaction_id"),
+        (b'{"features": {}, "model": "no-such-model"}', 422, "model"),
+    ],
+)
+async def test_malformed_requests(
+    client: httpx.AsyncClient, body: bytes, status: int, field: str
+) -> None:
+    answer = await client.post(
+        "/v1/predictions", content=body, headers={"content-type": "application/json"}
+    )
+    assert answer.status_code == status, answer.text
+    assert field in problem_fields(answer)
+
+
+async def test_oversized_bodies_are_refused(client: httpx.AsyncClient) -> None:
+    announced = await client.post("/v1/predictions", content=b" " * 70_000)
+    assert announced.status_code == 413
+    problem_fields(announced)
+
+    async def chunks() -> AsyncIterable[bytes]:
+        for _ in range(70):
+            yield b" " * 1_000
+
+    streamed = await client.post("/v1/predictions", content=chunks())
+    assert streamed.status_code == 413
+    problem_fields(streamed)
+
+
+async def test_unknown_explanation_is_404(client: httpx.AsyncClient) -> None:
+    answer = await client.get("/v1/explanations/never-seen", params={"wait": 0.05})
+    assert answer.status_code == 404
+    problem_fields(answer)
+    too_long = await client.get("/v1/explanations/x", params={"wait": 11})
+    assert too_long.status_code == 422
+    assert problem_fields(too_long) == {"wait"}
+
+
+async def test_models_health_and_metrics(client: httpx.AsyncClient) -> None:
+    models = (await client.get("/v1/models")).json()["models"]
+    assert [m["name"] for m in models] == ["german-credit"]
+    assert models[0]["default"] is True
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"status": "ready"}
+    await client.post("/v1/predictions", json={"features": ROWS[2]})
+    exposition = (await client.get("/metrics")).text
+    assert 'shapstream_http_requests_total{method="POST",route="/v1/predictions",status="200"}' in (
+        exposition
+    )
+    assert "shapstream_events_published_total" in exposition
+    missing = await client.get("/no/such/route")
+    assert missing.status_code == 404
+    problem_fields(missing)
