@@ -1,6 +1,6 @@
 """The embedded mode (SQLite store, in-process bus and worker) answers the same API."""
 
-from collections.abc import AsyncIterator, AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import xgboost as xgb
 from service.app import create_app
 from service.core.registry import LoadedModel
 from service.settings import Settings
-from tests.http import MODELS, asgi_client, german_rows, problem_fields
+from tests.api_client import MODELS, asgi_client, german_rows, problem_fields
 
 ROWS = german_rows(40)
 
