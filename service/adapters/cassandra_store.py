@@ -1,0 +1,595 @@
+"""The explanation store on Apache Cassandra (cassandra-driver), bridged to asyncio.
+
+The driver does its I/O on its own thread (libev reactor); every request is sent with
+`execute_async` and its `ResponseFuture` is turned into an asyncio future with
+`loop.call_soon_threadsafe`, so the event loop never waits on the network. Only the few
+calls the driver offers solely as blocking ones (connect, prepare, shutdown) run in a thread.
+"""
+
+import asyncio
+import re
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Self
+
+from cassandra import ConsistencyLevel, ProtocolVersion
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    ResponseFuture,
+    Session,
+)
+
+# Explicit, so a missing libev fails loudly instead of falling back: the asyncore reactor
+# warns on import (deprecated module), and the asyncio reactor is marked experimental and calls
+# `asyncio.set_event_loop` on whichever thread opens the first connection.
+from cassandra.io.libevreactor import LibevConnection
+from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra.query import (
+    BatchStatement,
+    BatchType,
+    PreparedStatement,
+    SimpleStatement,
+    Statement,
+    dict_factory,
+)
+
+from service.adapters.record_codec import (
+    ModelConflictError,
+    RecordColumns,
+    from_columns,
+    to_columns,
+    utc_day,
+)
+from service.core.records import Claim, DecisionRecord, ModelArtifact
+from service.core.schema import ModelSchema
+from service.settings import CassandraSettings, Settings
+
+DEFAULT_NATIVE_PORT = 9042
+# Cassandra refuses TTLs above 20 years (Attributes.MAX_TTL).
+MAX_TTL_S = 20 * 365 * 24 * 3600
+# Before storage_compatibility_mode NONE (5.0), Cassandra stores expiry times as 32-bit seconds
+# and rejects writes expiring later than this (CASSANDRA-14092); 7 years of retention reach it
+# from 2031-01-19 on.
+EXPIRY_LIMIT = datetime(2038, 1, 19, 3, 14, 6, tzinfo=UTC)
+# Schema changes wait for schema agreement between nodes, which can outlast a query timeout.
+SCHEMA_TIMEOUT_S = 60.0
+_KEYSPACE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
+
+# Partition sizing of decisions_by_day. Design load: 1,000 decisions/s on one model version,
+# 86.4 M rows per (version, day). Measured on 10,000 German-credit decisions (20 features,
+# binary), flushed to SSTables: a row is ~1.09 KB serialized (the inputs JSON, feature names
+# included, is ~0.8 KB of it) and ~0.3 KB on disk with LZ4. The 100 MB guideline is about the
+# serialized size, so a (version, day) holds ~94 GB and must be split: a partition holds
+# 86.4 M / day_buckets rows, ~2.9 GB at 32 buckets, ~92 MB at 1,024, ~46 MB at 2,048 (and
+# proportionally more with more features). A reader of a day scans buckets 0..day_buckets-1,
+# so `day_buckets` must never change for a keyspace once written.
+CREATE_KEYSPACE = "CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication}"
+
+# Feature names live here once per model version; rows carry only the attribution vector.
+# No TTL on models: a version in use for years must outlive every decision it explains.
+CREATE_MODELS = """
+CREATE TABLE IF NOT EXISTS {keyspace}.models (
+    model_version text PRIMARY KEY,
+    name text,
+    schema_json blob,
+    model_json blob,
+    feature_names list<text>,
+    registered_at timestamp
+)"""
+
+# Every row expires, and rows expire in the order they were written: time-window compaction
+# drops whole SSTables at expiry instead of compacting tombstones. 60-day windows give ~43
+# windows over 7 years.
+_TIME_WINDOWS = (
+    "compaction = {{'class': 'TimeWindowCompactionStrategy', "
+    "'compaction_window_unit': 'DAYS', 'compaction_window_size': 60}}"
+)
+
+CREATE_DECISIONS_BY_TXN = f"""
+CREATE TABLE IF NOT EXISTS {{keyspace}}.decisions_by_txn (
+    txn_id text PRIMARY KEY,
+    model_name text,
+    model_version text,
+    inputs blob,
+    prediction blob,
+    decision text,
+    base_value blob,
+    attributions blob,
+    additivity_error double,
+    engine text,
+    decided_at timestamp,
+    explained_at timestamp
+) WITH {_TIME_WINDOWS}"""
+
+# Denormalised copy for the audit export and global importance, which scan by version and day.
+CREATE_DECISIONS_BY_DAY = f"""
+CREATE TABLE IF NOT EXISTS {{keyspace}}.decisions_by_day (
+    model_version text,
+    day date,
+    bucket int,
+    decided_at timestamp,
+    txn_id text,
+    model_name text,
+    inputs blob,
+    prediction blob,
+    decision text,
+    base_value blob,
+    attributions blob,
+    additivity_error double,
+    engine text,
+    explained_at timestamp,
+    PRIMARY KEY ((model_version, day, bucket), decided_at, txn_id)
+) WITH CLUSTERING ORDER BY (decided_at ASC, txn_id ASC) AND {_TIME_WINDOWS}"""
+
+CREATE_TRANSACTIONS = """
+CREATE TABLE IF NOT EXISTS {keyspace}.transactions (
+    txn_id text PRIMARY KEY,
+    request_hash text,
+    response blob,
+    event blob,
+    published boolean
+)"""
+
+SCHEMA = (
+    CREATE_KEYSPACE,
+    CREATE_MODELS,
+    CREATE_DECISIONS_BY_TXN,
+    CREATE_DECISIONS_BY_DAY,
+    CREATE_TRANSACTIONS,
+)
+TABLES = ("models", "decisions_by_txn", "decisions_by_day", "transactions")
+
+INSERT_DECISION_BY_TXN = """
+INSERT INTO {keyspace}.decisions_by_txn (
+    txn_id, model_name, model_version, inputs, prediction, decision, base_value, attributions,
+    additivity_error, engine, decided_at, explained_at
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"""
+
+INSERT_DECISION_BY_DAY = """
+INSERT INTO {keyspace}.decisions_by_day (
+    model_version, day, bucket, decided_at, txn_id, model_name, inputs, prediction, decision,
+    base_value, attributions, additivity_error, engine, explained_at
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"""
+
+SELECT_DECISION = """
+SELECT txn_id, model_name, model_version, inputs, prediction, decision, base_value, attributions,
+       additivity_error, engine, decided_at, explained_at
+FROM {keyspace}.decisions_by_txn WHERE txn_id = ?"""
+
+INSERT_CLAIM = """
+INSERT INTO {keyspace}.transactions (txn_id, request_hash, response, event, published)
+VALUES (?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?"""
+
+# A plain write, not an LWT: it only ever follows a successful claim of the same id. Its client
+# timestamp must beat the claim's Paxos one; clock skew larger than the claim-to-publish gap
+# would lose it, which costs a republish (idempotent), never a decision. The TTL is repeated
+# or the `published` cell would keep the row alive forever.
+UPDATE_PUBLISHED = (
+    "UPDATE {keyspace}.transactions USING TTL ? SET published = true WHERE txn_id = ?"
+)
+
+# IF NOT EXISTS keeps the first registration time when a process registers the version again.
+INSERT_MODEL = """
+INSERT INTO {keyspace}.models (
+    model_version, name, schema_json, model_json, feature_names, registered_at
+) VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"""
+
+SELECT_MODEL = "SELECT name, schema_json, model_json FROM {keyspace}.models WHERE model_version = ?"
+
+# Not prepared: a health check must answer before the schema exists.
+SELECT_RELEASE = "SELECT release_version FROM system.local"
+SELECT_STORAGE_MODE = (
+    "SELECT value FROM system_views.settings WHERE name = 'storage_compatibility_mode'"
+)
+SELECT_TABLES = "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s"
+
+
+def parse_hosts(hosts: str) -> list[tuple[str, int]]:
+    """`"h1:9042,[::1]:9042,h3"` as (host, port) pairs; the port defaults to 9042."""
+    points: list[tuple[str, int]] = []
+    for item in (part.strip() for part in hosts.split(",")):
+        if not item:
+            continue
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = rest.removeprefix(":")
+        else:
+            host, _, port = item.partition(":")
+        if not host or ":" in port:
+            raise ValueError(f"cannot read Cassandra host {item!r}: use host:port or [ipv6]:port")
+        points.append((host, int(port) if port else DEFAULT_NATIVE_PORT))
+    if not points:
+        raise ValueError("no Cassandra hosts configured")
+    return points
+
+
+def native_port(points: Sequence[tuple[str, int]]) -> int:
+    """The one port of all contact points: the driver dials every node it discovers on it."""
+    ports = {port for _, port in points}
+    if len(ports) != 1:
+        raise ValueError(f"all Cassandra hosts must use the same native port, got {sorted(ports)}")
+    return ports.pop()
+
+
+def ttl_seconds(retention: timedelta) -> int:
+    seconds = int(retention.total_seconds())
+    if not 1 <= seconds <= MAX_TTL_S:
+        raise ValueError(f"retention {retention} must be between 1 s and 20 years (Cassandra)")
+    return seconds
+
+
+def check_settings(settings: CassandraSettings, retention: timedelta) -> None:
+    """Refuse what Cassandra would refuse later, before connecting."""
+    if not _KEYSPACE_NAME.fullmatch(settings.keyspace):
+        raise ValueError(f"invalid keyspace name {settings.keyspace!r}")
+    native_port(parse_hosts(settings.hosts))
+    ttl_seconds(retention)
+
+
+def day_bucket(transaction_id: str, buckets: int) -> int:
+    """Stable across processes and versions (unlike `hash()`), so a replay lands on the same row."""
+    return zlib.crc32(transaction_id.encode()) % buckets
+
+
+def replication_map(settings: CassandraSettings) -> str:
+    if settings.local_dc:
+        return (
+            "{'class': 'NetworkTopologyStrategy', "
+            f"'{settings.local_dc}': {settings.replication_factor}}}"
+        )
+    return f"{{'class': 'SimpleStrategy', 'replication_factor': {settings.replication_factor}}}"
+
+
+def build_cluster(settings: CassandraSettings) -> Cluster:
+    """A cluster object with the policies stated, not left to the driver's defaults."""
+    points = parse_hosts(settings.hosts)
+    profile = ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(settings.local_dc or "")),
+        # The driver's default is LOCAL_ONE: a decision record must survive a node loss.
+        consistency_level=ConsistencyLevel.LOCAL_QUORUM,
+        serial_consistency_level=ConsistencyLevel.LOCAL_SERIAL,
+        request_timeout=settings.request_timeout_s,
+        row_factory=dict_factory,
+    )
+    auth = None
+    if settings.username is not None:
+        password = settings.password.get_secret_value() if settings.password else ""
+        auth = PlainTextAuthProvider(username=settings.username, password=password)
+    return Cluster(
+        contact_points=[host for host, _ in points],
+        port=native_port(points),
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        # Cassandra 4.0+ speaks v5; left to negotiate, the driver first tries DSE versions and
+        # logs a downgrade warning on every connect.
+        protocol_version=ProtocolVersion.V5,
+        connection_class=LibevConnection,
+        auth_provider=auth,
+        connect_timeout=settings.request_timeout_s,
+    )
+
+
+def _settle(future: "asyncio.Future[Any]", rows: Any, error: BaseException | None) -> None:
+    # The awaiting task may have been cancelled while the driver was still working.
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(rows)
+
+
+def bridge(response: ResponseFuture, loop: asyncio.AbstractEventLoop) -> "asyncio.Future[Any]":
+    """An asyncio future resolved from the driver's I/O thread when `response` completes."""
+    future: asyncio.Future[Any] = loop.create_future()
+    response.add_callbacks(
+        callback=lambda rows: loop.call_soon_threadsafe(_settle, future, rows, None),
+        errback=lambda error: loop.call_soon_threadsafe(_settle, future, None, error),
+    )
+    return future
+
+
+def _driver_ms(moment: datetime) -> int:
+    # The driver hands back naive UTC datetimes rebuilt from float seconds: round, don't floor.
+    return round((moment - datetime(1970, 1, 1)) / timedelta(milliseconds=1))
+
+
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    insert_by_txn: PreparedStatement
+    insert_by_day: PreparedStatement
+    select_decision: PreparedStatement
+    insert_claim: PreparedStatement
+    update_published: PreparedStatement
+    insert_model: PreparedStatement
+    select_model: PreparedStatement
+
+
+class CassandraStore:
+    """`ExplanationStore` on Cassandra: LOCAL_QUORUM upserts with a TTL, LWT claims."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        session: Session,
+        settings: CassandraSettings,
+        retention: timedelta,
+    ) -> None:
+        check_settings(settings, retention)
+        self._cluster = cluster
+        self._session = session
+        self._settings = settings
+        self._ttl_s = ttl_seconds(retention)
+        self._statements: _Statements | None = None
+        self._prepare_lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, settings: CassandraSettings, retention: timedelta) -> Self:
+        """Connect to the cluster; the schema may not exist yet (see `migrate`)."""
+        check_settings(settings, retention)
+        cluster = build_cluster(settings)
+        try:
+            session = await asyncio.to_thread(cluster.connect)
+            store = cls(cluster, session, settings, retention)
+            await store._check_expiry_limit()
+            return store
+        except BaseException:
+            await asyncio.to_thread(cluster.shutdown)
+            raise
+
+    @classmethod
+    async def from_settings(cls, settings: Settings) -> Self:
+        return await cls.connect(settings.cassandra, timedelta(days=settings.retention_days))
+
+    @property
+    def keyspace(self) -> str:
+        return self._settings.keyspace
+
+    async def migrate(self) -> None:
+        for cql in SCHEMA:
+            text = cql.format(keyspace=self.keyspace, replication=replication_map(self._settings))
+            await self._execute(SimpleStatement(text), driver_timeout_s=SCHEMA_TIMEOUT_S)
+
+    async def existing_tables(self) -> set[str]:
+        """Tables of this store's keyspace that exist now (empty when the keyspace does not)."""
+        rows = await self._execute(SimpleStatement(SELECT_TABLES), (self.keyspace,))
+        return {row["table_name"] for row in rows}
+
+    async def put_model(self, artifact: ModelArtifact) -> None:
+        statements = await self._prepared()
+        feature_names = ModelSchema.model_validate_json(artifact.schema_json).feature_names
+        values = (
+            artifact.version,
+            artifact.name,
+            artifact.schema_json,
+            artifact.model_json,
+            feature_names,
+            int(time.time() * 1000),
+        )
+        rows = await self._execute(statements.insert_model, values)
+        stored = rows[0]
+        if not stored["[applied]"] and (
+            stored["name"],
+            stored["schema_json"],
+            stored["model_json"],
+        ) != (artifact.name, artifact.schema_json, artifact.model_json):
+            raise ModelConflictError(f"model {artifact.version} differs from the stored version")
+
+    async def get_model(self, version: str) -> ModelArtifact | None:
+        statements = await self._prepared()
+        rows = await self._execute(statements.select_model, (version,))
+        if not rows:
+            return None
+        row = rows[0]
+        return ModelArtifact(
+            name=row["name"],
+            version=version,
+            schema_json=row["schema_json"],
+            model_json=row["model_json"],
+        )
+
+    async def claim(self, claim: Claim) -> Claim | None:
+        statements = await self._prepared()
+        values = (
+            claim.transaction_id,
+            claim.request_hash,
+            claim.response,
+            claim.event,
+            claim.published,
+            self._ttl_s,
+        )
+        rows = await self._execute(statements.insert_claim, values)
+        existing = rows[0]
+        if existing["[applied]"]:
+            return None
+        return Claim(
+            transaction_id=existing["txn_id"],
+            request_hash=existing["request_hash"],
+            response=existing["response"],
+            event=existing["event"],
+            published=bool(existing["published"]),
+        )
+
+    async def mark_published(self, transaction_id: str) -> None:
+        statements = await self._prepared()
+        await self._execute(statements.update_published, (self._ttl_s, transaction_id))
+
+    async def write(self, records: Sequence[DecisionRecord]) -> None:
+        """Upsert each record into both tables, `write_concurrency` records in flight at most.
+
+        Raises the first failure (a timeout included: the write may or may not have landed,
+        and the caller redelivers) once the requests already sent have finished.
+        """
+        statements = await self._prepared()
+        # Encode everything first, so a bad record fails the batch before anything is sent.
+        encoded = [to_columns(record) for record in records]
+        now_ms = int(time.time() * 1000)
+        loop = asyncio.get_running_loop()
+        in_flight: set[asyncio.Future[Any]] = set()
+        error: BaseException | None = None
+        for columns in encoded:
+            if len(in_flight) >= self._settings.write_concurrency:
+                error = await _wait(in_flight, asyncio.FIRST_COMPLETED)
+                if error is not None:
+                    break
+            batch = self._record_batch(statements, columns, self._record_ttl(columns, now_ms))
+            in_flight.add(bridge(self._session.execute_async(batch), loop))
+        if in_flight:
+            late = await _wait(in_flight, asyncio.ALL_COMPLETED)
+            error = late if error is None else error
+        if error is not None:
+            raise error
+
+    async def get(self, transaction_id: str) -> DecisionRecord | None:
+        statements = await self._prepared()
+        rows = await self._execute(statements.select_decision, (transaction_id,))
+        if not rows:
+            return None
+        row = rows[0]
+        return from_columns(
+            RecordColumns(
+                txn_id=row["txn_id"],
+                model_name=row["model_name"],
+                model_version=row["model_version"],
+                inputs=row["inputs"],
+                prediction=row["prediction"],
+                decision=row["decision"],
+                base_value=row["base_value"],
+                attributions=row["attributions"],
+                additivity_error=row["additivity_error"],
+                engine=row["engine"],
+                decided_at_ms=_driver_ms(row["decided_at"]),
+                explained_at_ms=_driver_ms(row["explained_at"]),
+            )
+        )
+
+    async def ping(self) -> None:
+        rows = await self._execute(SimpleStatement(SELECT_RELEASE))
+        if not rows:
+            raise RuntimeError("system.local returned no row")
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._cluster.shutdown)
+
+    async def _check_expiry_limit(self) -> None:
+        """Refuse to start, rather than fail every write, when retention crosses EXPIRY_LIMIT."""
+        rows = await self._execute(SimpleStatement(SELECT_STORAGE_MODE))
+        # Cassandra 4.x has no such setting (no row) and always has the limit.
+        if rows and rows[0]["value"] == "NONE":
+            return
+        if datetime.now(UTC) + timedelta(seconds=self._ttl_s) >= EXPIRY_LIMIT:
+            raise ValueError(
+                f"retention of {self._ttl_s} s expires past {EXPIRY_LIMIT:%Y-%m-%d}, which this "
+                "Cassandra refuses: lower the retention or run Cassandra 5 with "
+                "storage_compatibility_mode: NONE"
+            )
+
+    def _record_ttl(self, columns: RecordColumns, now_ms: int) -> int:
+        # Retention counts from the decision, not from this write: a replay keeps the same
+        # expiry, and a late write never keeps a record longer than the policy says. An
+        # already expired record still gets 1 s, because a TTL of 0 would mean "keep forever".
+        elapsed_s = max(now_ms - columns.decided_at_ms, 0) // 1000
+        return max(self._ttl_s - elapsed_s, 1)
+
+    def _record_batch(
+        self, statements: _Statements, columns: RecordColumns, ttl: int
+    ) -> BatchStatement:
+        """Both tables in one logged batch: the by-day copy cannot go missing on its own."""
+        day = utc_day(columns.decided_at_ms)
+        bucket = day_bucket(columns.txn_id, self._settings.day_buckets)
+        batch = BatchStatement(batch_type=BatchType.LOGGED)
+        batch.add(
+            statements.insert_by_txn,
+            (
+                columns.txn_id,
+                columns.model_name,
+                columns.model_version,
+                columns.inputs,
+                columns.prediction,
+                columns.decision,
+                columns.base_value,
+                columns.attributions,
+                columns.additivity_error,
+                columns.engine,
+                columns.decided_at_ms,
+                columns.explained_at_ms,
+                ttl,
+            ),
+        )
+        batch.add(
+            statements.insert_by_day,
+            (
+                columns.model_version,
+                day,
+                bucket,
+                columns.decided_at_ms,
+                columns.txn_id,
+                columns.model_name,
+                columns.inputs,
+                columns.prediction,
+                columns.decision,
+                columns.base_value,
+                columns.attributions,
+                columns.additivity_error,
+                columns.engine,
+                columns.explained_at_ms,
+                ttl,
+            ),
+        )
+        # Same values, same primary keys: sending it twice is harmless, so the driver may retry.
+        batch.is_idempotent = True
+        return batch
+
+    async def _prepared(self) -> _Statements:
+        """Prepare every statement once per session, on first use (after `migrate`)."""
+        if self._statements is None:
+            async with self._prepare_lock:
+                if self._statements is None:
+                    self._statements = await asyncio.to_thread(self._prepare_all)
+        return self._statements
+
+    def _prepare_all(self) -> _Statements:
+        def prepare(cql: str, *, idempotent: bool) -> PreparedStatement:
+            statement: PreparedStatement = self._session.prepare(cql.format(keyspace=self.keyspace))
+            statement.is_idempotent = idempotent
+            return statement
+
+        return _Statements(
+            insert_by_txn=prepare(INSERT_DECISION_BY_TXN, idempotent=True),
+            insert_by_day=prepare(INSERT_DECISION_BY_DAY, idempotent=True),
+            select_decision=prepare(SELECT_DECISION, idempotent=True),
+            # A retried LWT could report "not applied" for its own first attempt.
+            insert_claim=prepare(INSERT_CLAIM, idempotent=False),
+            update_published=prepare(UPDATE_PUBLISHED, idempotent=True),
+            insert_model=prepare(INSERT_MODEL, idempotent=False),
+            select_model=prepare(SELECT_MODEL, idempotent=True),
+        )
+
+    async def _execute(
+        self,
+        statement: Statement,
+        values: Sequence[Any] | None = None,
+        *,
+        driver_timeout_s: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Send through the driver; the profile's timeout applies unless one is given."""
+        loop = asyncio.get_running_loop()
+        if driver_timeout_s is None:
+            response = self._session.execute_async(statement, values)
+        else:
+            response = self._session.execute_async(statement, values, timeout=driver_timeout_s)
+        rows: list[dict[str, Any]] | None = await bridge(response, loop)
+        return rows or []
+
+
+async def _wait(in_flight: "set[asyncio.Future[Any]]", return_when: str) -> BaseException | None:
+    """Wait on part of `in_flight`, remove what finished, and return its first error."""
+    done, _ = await asyncio.wait(in_flight, return_when=return_when)
+    in_flight.difference_update(done)
+    errors = [future.exception() for future in done]
+    return next((error for error in errors if error is not None), None)

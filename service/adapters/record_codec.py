@@ -1,0 +1,134 @@
+"""A decision record as column values and back: one encoding for the Cassandra and SQLite stores.
+
+- `attributions`: little-endian float32, row-major (outputs x features). XGBoost computes
+  `pred_contribs` in float32, so values coming from it survive exactly; a float64 engine's
+  values are rounded to the nearest float32 (relative error below 6e-8).
+- `base_value`: little-endian float64; a few bytes, and the additivity check leans on it.
+- `inputs` and `prediction`: orjson, the same JSON the event carries.
+- Timestamps: whole milliseconds since the epoch, UTC, because that is what a Cassandra
+  `timestamp` holds; sub-millisecond digits are dropped on write so a round trip is equal.
+"""
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+import numpy as np
+import orjson
+
+from service.core.records import (
+    BinaryPrediction,
+    DecisionRecord,
+    MulticlassPrediction,
+    RegressionPrediction,
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+_F32 = np.dtype("<f4")
+_F64 = np.dtype("<f8")
+
+
+def to_epoch_ms(moment: datetime) -> int:
+    """Whole milliseconds since the epoch; a naive datetime is refused, not guessed to be UTC."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"timestamp {moment.isoformat()} has no time zone")
+    return (moment - _EPOCH) // _ONE_MS
+
+
+def from_epoch_ms(ms: int) -> datetime:
+    return _EPOCH + ms * _ONE_MS
+
+
+def utc_day(ms: int) -> date:
+    return from_epoch_ms(ms).date()
+
+
+def encode_attributions(rows: list[list[float]], outputs: int) -> bytes:
+    """Pack (outputs x features) as float32; refuse ragged rows or a row count != outputs."""
+    if len(rows) != outputs or len({len(row) for row in rows}) > 1:
+        shape = [len(row) for row in rows]
+        raise ValueError(f"attributions must be {outputs} rows of equal length, got {shape}")
+    return np.asarray(rows, dtype=_F32).tobytes()
+
+
+def decode_attributions(blob: bytes, outputs: int) -> list[list[float]]:
+    matrix = np.frombuffer(blob, dtype=_F32).reshape(outputs, -1)
+    rows: list[list[float]] = matrix.astype(np.float64).tolist()
+    return rows
+
+
+def encode_floats(values: list[float]) -> bytes:
+    return np.asarray(values, dtype=_F64).tobytes()
+
+
+def decode_floats(blob: bytes) -> list[float]:
+    values: list[float] = np.frombuffer(blob, dtype=_F64).tolist()
+    return values
+
+
+def decision_text(
+    prediction: BinaryPrediction | RegressionPrediction | MulticlassPrediction,
+) -> str | None:
+    """The outcome in its own column so an export needs no JSON; a regression has none."""
+    if isinstance(prediction, BinaryPrediction):
+        return prediction.decision
+    if isinstance(prediction, MulticlassPrediction):
+        return prediction.label
+    return None
+
+
+class ModelConflictError(ValueError):
+    """A model version is already stored with different content (versions are content hashes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordColumns:
+    """The stored form of one `DecisionRecord`, the same in every store."""
+
+    txn_id: str
+    model_name: str
+    model_version: str
+    inputs: bytes
+    prediction: bytes
+    decision: str | None
+    base_value: bytes
+    attributions: bytes
+    additivity_error: float
+    engine: str
+    decided_at_ms: int
+    explained_at_ms: int
+
+
+def to_columns(record: DecisionRecord) -> RecordColumns:
+    return RecordColumns(
+        txn_id=record.transaction_id,
+        model_name=record.model.name,
+        model_version=record.model.version,
+        inputs=orjson.dumps(record.features),
+        prediction=orjson.dumps(record.prediction.model_dump(mode="json", by_alias=True)),
+        decision=decision_text(record.prediction),
+        base_value=encode_floats(record.base_value),
+        attributions=encode_attributions(record.attributions, outputs=len(record.base_value)),
+        additivity_error=record.additivity_error,
+        engine=record.engine,
+        decided_at_ms=to_epoch_ms(record.decided_at),
+        explained_at_ms=to_epoch_ms(record.explained_at),
+    )
+
+
+def from_columns(columns: RecordColumns) -> DecisionRecord:
+    base_value = decode_floats(columns.base_value)
+    return DecisionRecord.model_validate(
+        {
+            "transaction_id": columns.txn_id,
+            "model": {"name": columns.model_name, "version": columns.model_version},
+            "features": orjson.loads(columns.inputs),
+            "prediction": orjson.loads(columns.prediction),
+            "base_value": base_value,
+            "attributions": decode_attributions(columns.attributions, outputs=len(base_value)),
+            "additivity_error": columns.additivity_error,
+            "engine": columns.engine,
+            "decided_at": from_epoch_ms(columns.decided_at_ms),
+            "explained_at": from_epoch_ms(columns.explained_at_ms),
+        }
+    )

@@ -1,0 +1,293 @@
+"""The explanation store on SQLite (standard library sqlite3, WAL) for the single-process demo.
+
+One connection, owned by one worker thread: every call runs there, so sqlite3's
+same-thread rule holds and the event loop never waits on the disk. Retention is an
+`expires_at_ms` column that reads honour, the counterpart of Cassandra's TTL.
+"""
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+import orjson
+
+from service.adapters.record_codec import (
+    ModelConflictError,
+    RecordColumns,
+    from_columns,
+    to_columns,
+)
+from service.core.records import Claim, DecisionRecord, ModelArtifact
+from service.core.schema import ModelSchema
+from service.settings import Settings
+
+DB_FILE = "explanations.sqlite3"
+# Another process holding the write lock (e.g. `shapstream db` while the demo runs) is waited for.
+BUSY_TIMEOUT_MS = 5_000
+
+T = TypeVar("T")
+
+CREATE_MODELS = """
+CREATE TABLE IF NOT EXISTS models (
+    model_version TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    schema_json BLOB NOT NULL,
+    model_json BLOB NOT NULL,
+    feature_names TEXT NOT NULL,
+    registered_at_ms INTEGER NOT NULL
+)"""
+
+# One table does here what decisions_by_txn and decisions_by_day do in Cassandra: the index
+# serves the scan by model version and time.
+CREATE_DECISIONS = """
+CREATE TABLE IF NOT EXISTS decisions (
+    txn_id TEXT PRIMARY KEY,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    inputs BLOB NOT NULL,
+    prediction BLOB NOT NULL,
+    decision TEXT,
+    base_value BLOB NOT NULL,
+    attributions BLOB NOT NULL,
+    additivity_error REAL NOT NULL,
+    engine TEXT NOT NULL,
+    decided_at_ms INTEGER NOT NULL,
+    explained_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL
+)"""
+
+CREATE_DECISIONS_BY_TIME = """
+CREATE INDEX IF NOT EXISTS decisions_by_version_time ON decisions (model_version, decided_at_ms)"""
+
+CREATE_TRANSACTIONS = """
+CREATE TABLE IF NOT EXISTS transactions (
+    txn_id TEXT PRIMARY KEY,
+    request_hash TEXT NOT NULL,
+    response BLOB NOT NULL,
+    event BLOB NOT NULL,
+    published INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL
+)"""
+
+SCHEMA = (CREATE_MODELS, CREATE_DECISIONS, CREATE_DECISIONS_BY_TIME, CREATE_TRANSACTIONS)
+
+# REPLACE is an upsert here (no triggers, no foreign keys): the same record twice is one row.
+UPSERT_DECISION = """
+INSERT OR REPLACE INTO decisions (
+    txn_id, model_name, model_version, inputs, prediction, decision, base_value, attributions,
+    additivity_error, engine, decided_at_ms, explained_at_ms, expires_at_ms
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+SELECT_DECISION = """
+SELECT txn_id, model_name, model_version, inputs, prediction, decision, base_value, attributions,
+       additivity_error, engine, decided_at_ms, explained_at_ms
+FROM decisions WHERE txn_id = ? AND expires_at_ms > ?"""
+
+# An expired claim no longer holds its id, as in Cassandra once the TTL has passed.
+DELETE_EXPIRED_CLAIM = "DELETE FROM transactions WHERE txn_id = ? AND expires_at_ms <= ?"
+
+INSERT_CLAIM = """
+INSERT OR IGNORE INTO transactions (
+    txn_id, request_hash, response, event, published, expires_at_ms
+) VALUES (?, ?, ?, ?, ?, ?)"""
+
+SELECT_CLAIM = """
+SELECT txn_id, request_hash, response, event, published FROM transactions WHERE txn_id = ?"""
+
+UPDATE_PUBLISHED = """
+UPDATE transactions SET published = 1 WHERE txn_id = ? AND expires_at_ms > ?"""
+
+# No expiry on models: a version in use for years must outlive every decision it explains.
+INSERT_MODEL = """
+INSERT OR IGNORE INTO models (
+    model_version, name, schema_json, model_json, feature_names, registered_at_ms
+) VALUES (?, ?, ?, ?, ?, ?)"""
+
+SELECT_MODEL = "SELECT name, schema_json, model_json FROM models WHERE model_version = ?"
+
+
+def retention_ms(retention: timedelta) -> int:
+    milliseconds = retention // timedelta(milliseconds=1)
+    if milliseconds < 1:
+        raise ValueError(f"retention {retention} must be positive")
+    return milliseconds
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Autocommit mode: transactions are opened explicitly where several statements go together.
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    connection.execute("PRAGMA journal_mode = WAL")
+    # With WAL, NORMAL can lose the last commits on power loss but never corrupts the file.
+    connection.execute("PRAGMA synchronous = NORMAL")
+    return connection
+
+
+@contextmanager
+def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    # IMMEDIATE takes the write lock up front, so a read-then-write cannot be overtaken.
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+def _decision_row(columns: RecordColumns, expires_at_ms: int) -> tuple[Any, ...]:
+    return (
+        columns.txn_id,
+        columns.model_name,
+        columns.model_version,
+        columns.inputs,
+        columns.prediction,
+        columns.decision,
+        columns.base_value,
+        columns.attributions,
+        columns.additivity_error,
+        columns.engine,
+        columns.decided_at_ms,
+        columns.explained_at_ms,
+        expires_at_ms,
+    )
+
+
+class SqliteStore:
+    """`ExplanationStore` in one SQLite file; same semantics as the Cassandra store."""
+
+    def __init__(
+        self, connection: sqlite3.Connection, executor: ThreadPoolExecutor, retention: timedelta
+    ) -> None:
+        self._connection = connection
+        self._executor = executor
+        self._retention_ms = retention_ms(retention)
+
+    @classmethod
+    async def open(cls, path: Path, retention: timedelta) -> Self:
+        """Open (creating if needed) the database file; the schema comes from `migrate`."""
+        retention_ms(retention)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        try:
+            connection = await asyncio.get_running_loop().run_in_executor(executor, _connect, path)
+            return cls(connection, executor, retention)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+
+    @classmethod
+    async def from_settings(cls, settings: Settings) -> Self:
+        return await cls.open(settings.data_dir / DB_FILE, timedelta(days=settings.retention_days))
+
+    async def migrate(self) -> None:
+        await self._run(self._migrate)
+
+    async def put_model(self, artifact: ModelArtifact) -> None:
+        feature_names = ModelSchema.model_validate_json(artifact.schema_json).feature_names
+        await self._run(self._put_model, artifact, feature_names, _now_ms())
+
+    async def get_model(self, version: str) -> ModelArtifact | None:
+        row = await self._run(self._fetch_one, SELECT_MODEL, (version,))
+        if row is None:
+            return None
+        name, schema_json, model_json = row
+        return ModelArtifact(
+            name=name, version=version, schema_json=schema_json, model_json=model_json
+        )
+
+    async def claim(self, claim: Claim) -> Claim | None:
+        return await self._run(self._claim, claim, _now_ms())
+
+    async def mark_published(self, transaction_id: str) -> None:
+        await self._run(self._connection.execute, UPDATE_PUBLISHED, (transaction_id, _now_ms()))
+
+    async def write(self, records: Sequence[DecisionRecord]) -> None:
+        """Upsert a batch in one transaction; writing the same records again changes nothing."""
+        # Retention counts from the decision, as in the Cassandra store: a replay keeps the expiry.
+        rows = [
+            _decision_row(columns, columns.decided_at_ms + self._retention_ms)
+            for columns in map(to_columns, records)
+        ]
+        await self._run(self._write, rows)
+
+    async def get(self, transaction_id: str) -> DecisionRecord | None:
+        row = await self._run(self._fetch_one, SELECT_DECISION, (transaction_id, _now_ms()))
+        return None if row is None else from_columns(RecordColumns(*row))
+
+    async def ping(self) -> None:
+        await self._run(self._fetch_one, "SELECT 1", ())
+
+    async def close(self) -> None:
+        await self._run(self._connection.close)
+        self._executor.shutdown(wait=True)
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def _migrate(self) -> None:
+        with _transaction(self._connection):
+            for statement in SCHEMA:
+                self._connection.execute(statement)
+
+    def _fetch_one(self, sql: str, parameters: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = self._connection.execute(sql, parameters).fetchone()
+        return row
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        with _transaction(self._connection):
+            self._connection.executemany(UPSERT_DECISION, rows)
+
+    def _claim(self, claim: Claim, now_ms: int) -> Claim | None:
+        with _transaction(self._connection):
+            self._connection.execute(DELETE_EXPIRED_CLAIM, (claim.transaction_id, now_ms))
+            inserted = self._connection.execute(
+                INSERT_CLAIM,
+                (
+                    claim.transaction_id,
+                    claim.request_hash,
+                    claim.response,
+                    claim.event,
+                    claim.published,
+                    now_ms + self._retention_ms,
+                ),
+            )
+            if inserted.rowcount == 1:
+                return None
+            txn_id, request_hash, response, event, published = self._connection.execute(
+                SELECT_CLAIM, (claim.transaction_id,)
+            ).fetchone()
+        return Claim(
+            transaction_id=txn_id,
+            request_hash=request_hash,
+            response=response,
+            event=event,
+            published=bool(published),
+        )
+
+    def _put_model(self, artifact: ModelArtifact, feature_names: list[str], now_ms: int) -> None:
+        with _transaction(self._connection):
+            self._connection.execute(
+                INSERT_MODEL,
+                (
+                    artifact.version,
+                    artifact.name,
+                    artifact.schema_json,
+                    artifact.model_json,
+                    orjson.dumps(feature_names).decode(),
+                    now_ms,
+                ),
+            )
+            stored = self._connection.execute(SELECT_MODEL, (artifact.version,)).fetchone()
+        if tuple(stored) != (artifact.name, artifact.schema_json, artifact.model_json):
+            raise ModelConflictError(f"model {artifact.version} differs from the stored version")

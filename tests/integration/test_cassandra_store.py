@@ -1,0 +1,219 @@
+"""The Cassandra store on the real node: the shared store contract, TTLs, failures, settings."""
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from cassandra import InvalidRequest
+from cassandra.cluster import Session
+
+from service.adapters.cassandra_store import (
+    MAX_TTL_S,
+    SELECT_STORAGE_MODE,
+    CassandraStore,
+    build_cluster,
+    day_bucket,
+    native_port,
+    parse_hosts,
+)
+from service.adapters.record_codec import to_epoch_ms, utc_day
+from service.core.records import DecisionRecord
+from service.ports import ExplanationStore
+from service.settings import CassandraSettings
+from tests.store_contract import (
+    RETENTION,
+    StoreContract,
+    StoreFactory,
+    binary_record,
+    claim_for,
+    new_id,
+)
+
+RETENTION_S = int(RETENTION.total_seconds())
+# Seconds a TTL may have run down between the write and the check on a slow machine.
+TTL_SLACK_S = 60
+
+
+def hosts_setting(contact: list[tuple[str, int]]) -> str:
+    return ",".join(
+        f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in contact
+    )
+
+
+@pytest.fixture(scope="session")
+def settings(cassandra_contact: list[tuple[str, int]]) -> CassandraSettings:
+    """A keyspace of this test session only."""
+    return CassandraSettings(
+        hosts=hosts_setting(cassandra_contact),
+        keyspace=f"test_store_{uuid.uuid4().hex[:16]}",
+        request_timeout_s=30.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def cql(settings: CassandraSettings) -> Iterator[Session]:
+    """A plain driver session, for what the store does not expose; drops the keyspace at the end."""
+    cluster = build_cluster(settings)
+    session = cluster.connect()
+    try:
+        yield session
+    finally:
+        session.execute(f"DROP KEYSPACE IF EXISTS {settings.keyspace}", timeout=120)
+        cluster.shutdown()
+
+
+async def query(cql: Session, statement: str, *values: Any) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = list(await asyncio.to_thread(cql.execute, statement, values))
+    return rows
+
+
+async def decision_ttls(
+    cql: Session, keyspace: str, record: DecisionRecord, buckets: int
+) -> list[int]:
+    """TTL of a payload column of the record's row in both decision tables."""
+    by_txn = await query(
+        cql,
+        f"SELECT TTL(attributions) AS a, TTL(engine) AS e FROM {keyspace}.decisions_by_txn "
+        "WHERE txn_id = %s",
+        record.transaction_id,
+    )
+    by_day = await query(
+        cql,
+        f"SELECT TTL(attributions) AS a, TTL(engine) AS e FROM {keyspace}.decisions_by_day "
+        "WHERE model_version = %s AND day = %s AND bucket = %s AND decided_at = %s AND txn_id = %s",
+        record.model.version,
+        utc_day(to_epoch_ms(record.decided_at)),
+        day_bucket(record.transaction_id, buckets),
+        to_epoch_ms(record.decided_at),
+        record.transaction_id,
+    )
+    return [row[column] for row in by_txn + by_day for column in ("a", "e")]
+
+
+class TestCassandraStore(StoreContract):
+    @pytest.fixture
+    def store_factory(self, settings: CassandraSettings, cql: Session) -> StoreFactory:
+        async def open_store(retention: timedelta) -> ExplanationStore:
+            store = await CassandraStore.connect(settings, retention)
+            try:
+                await store.migrate()
+            except BaseException:
+                await store.close()
+                raise
+            return store
+
+        return open_store
+
+    async def test_every_row_gets_the_retention_ttl(
+        self, store: ExplanationStore, settings: CassandraSettings, cql: Session
+    ) -> None:
+        record = binary_record(decided_at=datetime.now(UTC))
+        await store.write([record])
+        assert await store.claim(claim_for(record.transaction_id, "sha256:aaaa")) is None
+        await store.mark_published(record.transaction_id)
+        claims = await query(
+            cql,
+            f"SELECT TTL(request_hash) AS h, TTL(event) AS e, TTL(published) AS p "
+            f"FROM {settings.keyspace}.transactions WHERE txn_id = %s",
+            record.transaction_id,
+        )
+        ttls = await decision_ttls(cql, settings.keyspace, record, settings.day_buckets)
+        ttls += [claims[0][column] for column in ("h", "e", "p")]
+        assert len(ttls) == 7
+        assert all(RETENTION_S - TTL_SLACK_S < ttl <= RETENTION_S for ttl in ttls), ttls
+
+    async def test_retention_counts_from_the_decision(
+        self, store: ExplanationStore, settings: CassandraSettings, cql: Session
+    ) -> None:
+        record = binary_record(decided_at=datetime.now(UTC) - timedelta(days=30))
+        await store.write([record])
+        first = await decision_ttls(cql, settings.keyspace, record, settings.day_buckets)
+        await store.write([record])  # a replay keeps the expiry
+        second = await decision_ttls(cql, settings.keyspace, record, settings.day_buckets)
+        expected = RETENTION_S - 30 * 86_400
+        for ttl in first + second:
+            assert expected - TTL_SLACK_S < ttl <= expected
+
+    async def test_a_failed_write_is_raised(
+        self, store_factory: StoreFactory, settings: CassandraSettings
+    ) -> None:
+        # Cassandra refuses a partition key component above 64 KiB: one bad record of many.
+        narrow = settings.model_copy(update={"write_concurrency": 4})
+        store = await CassandraStore.connect(narrow, RETENTION)
+        try:
+            batch = [binary_record(seed) for seed in range(40)]
+            bad = batch[20].model_copy(
+                update={"model": batch[20].model.model_copy(update={"version": "v" * 70_000})}
+            )
+            with pytest.raises(InvalidRequest, match="Key length"):
+                await store.write([*batch[:20], bad, *batch[21:]])
+            assert await store.get(batch[0].transaction_id) is not None
+        finally:
+            await store.close()
+
+    async def test_ping_needs_no_schema(self, cassandra_contact: list[tuple[str, int]]) -> None:
+        elsewhere = CassandraSettings(
+            hosts=hosts_setting(cassandra_contact), keyspace=f"absent_{uuid.uuid4().hex[:16]}"
+        )
+        store = await CassandraStore.connect(elsewhere, RETENTION)
+        try:
+            await store.ping()
+            assert await store.existing_tables() == set()
+            with pytest.raises(InvalidRequest):
+                await store.get(new_id())
+        finally:
+            await store.close()
+
+    async def test_retention_past_2038_is_refused_unless_the_server_allows_it(
+        self, settings: CassandraSettings, cql: Session
+    ) -> None:
+        mode = await query(cql, SELECT_STORAGE_MODE)
+        twenty_years = timedelta(seconds=MAX_TTL_S)
+        if mode and mode[0]["value"] == "NONE":
+            store = await CassandraStore.connect(settings, twenty_years)
+            await store.close()
+        else:
+            with pytest.raises(ValueError, match="storage_compatibility_mode"):
+                await CassandraStore.connect(settings, twenty_years)
+
+
+def test_hosts_are_read_with_their_port() -> None:
+    assert parse_hosts("10.0.0.1:19042, 10.0.0.2:19042") == [
+        ("10.0.0.1", 19042),
+        ("10.0.0.2", 19042),
+    ]
+    assert parse_hosts("cassandra,[::1]:9042") == [("cassandra", 9042), ("::1", 9042)]
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_hosts("::1:9042")
+    with pytest.raises(ValueError, match="no Cassandra hosts"):
+        parse_hosts(" , ")
+
+
+def test_hosts_must_share_one_port() -> None:
+    with pytest.raises(ValueError, match="same native port"):
+        native_port(parse_hosts("a:9042,b:9043"))
+
+
+@pytest.mark.parametrize(
+    ("change", "retention", "message"),
+    [
+        ({"keyspace": "bad-name"}, RETENTION, "keyspace"),
+        ({"hosts": "a:9042,b:9142"}, RETENTION, "same native port"),
+        ({}, timedelta(seconds=MAX_TTL_S + 1), "20 years"),
+        ({}, timedelta(0), "20 years"),
+    ],
+)
+async def test_bad_settings_are_refused_before_connecting(
+    change: dict[str, str], retention: timedelta, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        await CassandraStore.connect(CassandraSettings().model_copy(update=change), retention)
+
+
+def test_day_bucket_is_stable() -> None:
+    # crc32 is the same in every process and release; `hash()` of a str is not.
+    assert day_bucket("txn-0001", 1024) == 40
+    assert len({day_bucket(f"txn-{n}", 64) for n in range(10_000)}) == 64

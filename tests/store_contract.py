@@ -1,0 +1,330 @@
+"""One behaviour for every `ExplanationStore`: the SQLite and the Cassandra tests both run these.
+
+A test module subclasses `StoreContract` (its name starting with `Test`) and provides a
+`store_factory` fixture: an async function opening a migrated store with a given retention.
+"""
+
+import asyncio
+import hashlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import orjson
+import pytest
+
+from service.adapters.record_codec import ModelConflictError
+from service.core.records import (
+    BinaryPrediction,
+    Claim,
+    DecisionEvent,
+    DecisionRecord,
+    Features,
+    ModelArtifact,
+    ModelRef,
+    MulticlassPrediction,
+    RegressionPrediction,
+)
+from service.core.schema import DecisionRule, Feature, FeatureType, ModelSchema, Task
+from service.ports import ExplanationStore
+
+StoreFactory = Callable[[timedelta], Awaitable[ExplanationStore]]
+
+RETENTION = timedelta(days=7 * 365 + 2)
+SHORT_RETENTION = timedelta(seconds=3)
+EXPIRY_DEADLINE_S = 30.0
+POLL_INTERVAL_S = 0.1
+LARGE_BATCH = 2_000
+
+# Two applicants of the Statlog German Credit data (UCI id 144, Hans Hofmann, CC BY 4.0).
+APPLICANTS: tuple[Features, ...] = (
+    {
+        "status_of_existing_checking_account": "... < 0 DM",
+        "duration_in_month": 6.0,
+        "credit_history": "critical account/ other credits existing (not at this bank)",
+        "purpose": "radio/television",
+        "credit_amount": 1169.0,
+        "savings_account_and_bonds": "unknown/ no savings account",
+        "present_employment_since": "... >= 7 years",
+        "installment_rate_in_percentage_of_disposable_income": 4.0,
+        "personal_status_and_sex": "male : divorced/separated",
+        "other_debtors_or_guarantors": "none",
+        "present_residence_since": 4.0,
+        "property": "real estate",
+        "age_in_years": 67.0,
+        "other_installment_plans": "none",
+        "housing": "own",
+        "number_of_existing_credits_at_this_bank": 2.0,
+        "job": "skilled employee / official",
+        "number_of_people_being_liable_to_provide_maintenance_for": 1.0,
+        "telephone": "yes, registered under the customers name",
+        "foreign_worker": "yes",
+    },
+    {
+        "status_of_existing_checking_account": "0 <= ... < 200 DM",
+        "duration_in_month": 48.0,
+        "credit_history": "existing credits paid back duly till now",
+        "purpose": "radio/television",
+        "credit_amount": 5951.0,
+        "savings_account_and_bonds": "... < 100 DM",
+        "present_employment_since": "1 <= ... < 4 years",
+        "installment_rate_in_percentage_of_disposable_income": 2.0,
+        "personal_status_and_sex": "male : divorced/separated",
+        "other_debtors_or_guarantors": "none",
+        "present_residence_since": 2.0,
+        # A missing value, as a client may send it.
+        "property": None,
+        "age_in_years": 22.0,
+        "other_installment_plans": "none",
+        "housing": "own",
+        "number_of_existing_credits_at_this_bank": 1.0,
+        "job": "skilled employee / official",
+        "number_of_people_being_liable_to_provide_maintenance_for": 1.0,
+        "telephone": "none",
+        "foreign_worker": "yes",
+    },
+)
+FEATURES = tuple(APPLICANTS[0])
+CLASSES = ("low", "medium", "high")
+
+
+def new_id() -> str:
+    return f"txn-{uuid.uuid4()}"
+
+
+def to_ms(moment: datetime) -> datetime:
+    """What a store keeps of a timestamp: whole milliseconds."""
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def stored(record: DecisionRecord) -> DecisionRecord:
+    """`record` as a store returns it."""
+    return record.model_copy(
+        update={"decided_at": to_ms(record.decided_at), "explained_at": to_ms(record.explained_at)}
+    )
+
+
+def attributions(outputs: int, seed: int) -> list[list[float]]:
+    """Values as `pred_contribs` gives them: float32, here widened to Python floats."""
+    values = np.random.default_rng(seed).normal(0.0, 0.4, (outputs, len(FEATURES)))
+    rows: list[list[float]] = values.astype(np.float32).astype(np.float64).tolist()
+    return rows
+
+
+def _record(
+    prediction: BinaryPrediction | RegressionPrediction | MulticlassPrediction,
+    base_value: list[float],
+    seed: int,
+    transaction_id: str | None,
+    decided_at: datetime | None,
+) -> DecisionRecord:
+    decided = decided_at or datetime.now(UTC) - timedelta(seconds=1)
+    return DecisionRecord(
+        transaction_id=transaction_id or new_id(),
+        model=ModelRef(
+            name=f"german-credit-{prediction.task}",
+            version="sha256:" + hashlib.sha256(prediction.task.encode()).hexdigest(),
+        ),
+        features=APPLICANTS[seed % len(APPLICANTS)],
+        prediction=prediction,
+        base_value=base_value,
+        attributions=attributions(len(base_value), seed),
+        additivity_error=3.814697265625e-06,
+        engine="pred_contribs",
+        decided_at=decided,
+        explained_at=decided + timedelta(milliseconds=41, microseconds=517),
+    )
+
+
+def binary_record(
+    seed: int = 1, transaction_id: str | None = None, decided_at: datetime | None = None
+) -> DecisionRecord:
+    prediction = BinaryPrediction(probability=0.7310585786300049, margin=1.0, decision="deny")
+    return _record(prediction, [-0.8472978603872037], seed, transaction_id, decided_at)
+
+
+def regression_record(seed: int = 2) -> DecisionRecord:
+    prediction = RegressionPrediction(value=4211.613, margin=4211.613)
+    return _record(prediction, [3271.26], seed, None, None)
+
+
+def multiclass_record(seed: int = 3) -> DecisionRecord:
+    prediction = MulticlassPrediction.model_validate(
+        {
+            "class": "medium",
+            "probabilities": {"low": 0.2119, "medium": 0.5761, "high": 0.2120},
+            "margins": {"low": -0.35, "medium": 0.65, "high": -0.3495},
+        }
+    )
+    return _record(prediction, [-0.0986, 0.1132, -0.0146], seed, None, None)
+
+
+def claim_for(transaction_id: str, request_hash: str) -> Claim:
+    record = binary_record(transaction_id=transaction_id)
+    event = DecisionEvent(
+        transaction_id=transaction_id,
+        model=record.model,
+        features=record.features,
+        prediction=record.prediction,
+        decided_at=record.decided_at,
+    )
+    response = {"transaction_id": transaction_id, "prediction": {"decision": "deny"}}
+    return Claim(
+        transaction_id=transaction_id,
+        request_hash=request_hash,
+        response=orjson.dumps(response),
+        event=event.to_bytes(),
+    )
+
+
+def model_artifact(version: str) -> ModelArtifact:
+    schema = ModelSchema(
+        name="german-credit",
+        task=Task.BINARY,
+        features=(
+            Feature(name="duration_in_month", type=FeatureType.NUMERIC, minimum=1, maximum=72),
+            Feature(name="credit_amount", type=FeatureType.NUMERIC, minimum=0),
+            Feature(
+                name="housing", type=FeatureType.CATEGORICAL, categories=("own", "rent", "for free")
+            ),
+        ),
+        decision=DecisionRule(positive_class="bad", negative_class="good"),
+    )
+    model_json = orjson.dumps({"learner": {"gradient_booster": {"model": {"trees": []}}}})
+    return ModelArtifact(
+        name=schema.name,
+        version=version,
+        schema_json=schema.model_dump_json().encode(),
+        model_json=model_json,
+    )
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], what: str) -> float:
+    """Poll `condition` until it holds; the seconds it took."""
+    started = time.monotonic()
+    while not await condition():
+        elapsed = time.monotonic() - started
+        assert elapsed < EXPIRY_DEADLINE_S, f"{what} after {EXPIRY_DEADLINE_S} s"
+        await asyncio.sleep(POLL_INTERVAL_S)
+    return time.monotonic() - started
+
+
+class StoreContract:
+    """Tests every store must pass; subclasses provide a `store_factory` fixture."""
+
+    @pytest.fixture
+    async def store(self, store_factory: StoreFactory) -> AsyncIterator[ExplanationStore]:
+        opened = await store_factory(RETENTION)
+        try:
+            yield opened
+        finally:
+            await opened.close()
+
+    async def test_migrate_twice_is_fine(self, store: ExplanationStore) -> None:
+        await store.migrate()
+        await store.migrate()
+        await store.ping()
+
+    @pytest.mark.parametrize(
+        "make", [binary_record, regression_record, multiclass_record], ids=lambda f: f.__name__
+    )
+    async def test_record_round_trip(
+        self, store: ExplanationStore, make: Callable[[], DecisionRecord]
+    ) -> None:
+        record = make()
+        await store.write([record])
+        assert await store.get(record.transaction_id) == stored(record)
+
+    async def test_missing_transaction_is_none(self, store: ExplanationStore) -> None:
+        assert await store.get(new_id()) is None
+
+    async def test_empty_batch_is_a_no_op(self, store: ExplanationStore) -> None:
+        await store.write([])
+
+    async def test_replaying_a_batch_changes_nothing(self, store: ExplanationStore) -> None:
+        batch = [binary_record(seed) for seed in range(10)] + [multiclass_record()]
+        await store.write(batch)
+        first = [await store.get(record.transaction_id) for record in batch]
+        await store.write(batch)
+        second = [await store.get(record.transaction_id) for record in batch]
+        assert first == second == [stored(record) for record in batch]
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"decided_at": datetime(2026, 11, 2, 9, 30)},
+            {"base_value": [0.0, 0.0], "attributions": [[0.1, 0.2], [0.3]]},
+            {"attributions": [[0.1] * len(FEATURES)] * 2},
+        ],
+        ids=["naive-timestamp", "ragged-attributions", "rows-not-outputs"],
+    )
+    async def test_a_bad_record_fails_the_batch_before_any_write(
+        self, store: ExplanationStore, change: dict[str, object]
+    ) -> None:
+        good = binary_record()
+        bad = binary_record().model_copy(update=change)
+        with pytest.raises(ValueError, match=r"time zone|attributions"):
+            await store.write([good, bad])
+        assert await store.get(good.transaction_id) is None
+
+    async def test_first_claim_wins(self, store: ExplanationStore) -> None:
+        transaction_id = new_id()
+        first = claim_for(transaction_id, "sha256:aaaa")
+        assert await store.claim(first) is None
+        assert await store.claim(claim_for(transaction_id, "sha256:bbbb")) == first
+        assert await store.claim(first) == first
+
+    async def test_mark_published(self, store: ExplanationStore) -> None:
+        transaction_id = new_id()
+        first = claim_for(transaction_id, "sha256:aaaa")
+        assert await store.claim(first) is None
+        await store.mark_published(transaction_id)
+        await store.mark_published(transaction_id)
+        published = first.model_copy(update={"published": True})
+        assert await store.claim(claim_for(transaction_id, "sha256:bbbb")) == published
+
+    async def test_model_round_trip(self, store: ExplanationStore) -> None:
+        artifact = model_artifact(f"sha256:{uuid.uuid4().hex}")
+        assert await store.get_model(artifact.version) is None
+        await store.put_model(artifact)
+        await store.put_model(artifact)
+        assert await store.get_model(artifact.version) == artifact
+
+    async def test_a_version_cannot_change_content(self, store: ExplanationStore) -> None:
+        artifact = model_artifact(f"sha256:{uuid.uuid4().hex}")
+        await store.put_model(artifact)
+        changed = artifact.model_copy(update={"model_json": b'{"learner": {}}'})
+        with pytest.raises(ModelConflictError):
+            await store.put_model(changed)
+        assert await store.get_model(artifact.version) == artifact
+
+    async def test_records_and_claims_expire(self, store_factory: StoreFactory) -> None:
+        store = await store_factory(SHORT_RETENTION)
+        try:
+            record = binary_record(decided_at=datetime.now(UTC))
+            first = claim_for(record.transaction_id, "sha256:aaaa")
+            await store.write([record])
+            assert await store.claim(first) is None
+            assert await store.get(record.transaction_id) == stored(record)
+
+            async def record_gone() -> bool:
+                return await store.get(record.transaction_id) is None
+
+            async def claim_free() -> bool:
+                return await store.claim(claim_for(record.transaction_id, "sha256:bbbb")) is None
+
+            await wait_until(record_gone, "the record is still there")
+            await wait_until(claim_free, "the claim still holds the id")
+        finally:
+            await store.close()
+
+    async def test_large_batch(self, store: ExplanationStore) -> None:
+        batch = [binary_record(seed) for seed in range(LARGE_BATCH)]
+        started = time.perf_counter()
+        await store.write(batch)
+        elapsed = time.perf_counter() - started
+        print(f"{type(store).__name__}: {LARGE_BATCH} records in {elapsed:.3f} s")
+        for record in batch[:: LARGE_BATCH // 20]:
+            assert await store.get(record.transaction_id) == stored(record)
