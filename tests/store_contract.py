@@ -196,8 +196,8 @@ def model_artifact(version: str) -> ModelArtifact:
     return ModelArtifact(
         name=schema.name,
         version=version,
-        schema_json=schema.model_dump_json().encode(),
-        model_json=model_json,
+        schema_bytes=schema.model_dump_json().encode(),
+        model_bytes=model_json,
     )
 
 
@@ -295,7 +295,7 @@ class StoreContract:
     async def test_a_version_cannot_change_content(self, store: ExplanationStore) -> None:
         artifact = model_artifact(f"sha256:{uuid.uuid4().hex}")
         await store.put_model(artifact)
-        changed = artifact.model_copy(update={"model_json": b'{"learner": {}}'})
+        changed = artifact.model_copy(update={"model_bytes": b'{"learner": {}}'})
         with pytest.raises(ModelConflictError):
             await store.put_model(changed)
         assert await store.get_model(artifact.version) == artifact

@@ -362,12 +362,12 @@ class CassandraStore:
 
     async def put_model(self, artifact: ModelArtifact) -> None:
         statements = await self._prepared()
-        feature_names = ModelSchema.model_validate_json(artifact.schema_json).feature_names
+        feature_names = ModelSchema.model_validate_json(artifact.schema_bytes).feature_names
         values = (
             artifact.version,
             artifact.name,
-            artifact.schema_json,
-            artifact.model_json,
+            artifact.schema_bytes,
+            artifact.model_bytes,
             feature_names,
             int(time.time() * 1000),
         )
@@ -377,7 +377,7 @@ class CassandraStore:
             stored["name"],
             stored["schema_json"],
             stored["model_json"],
-        ) != (artifact.name, artifact.schema_json, artifact.model_json):
+        ) != (artifact.name, artifact.schema_bytes, artifact.model_bytes):
             raise ModelConflictError(f"model {artifact.version} differs from the stored version")
 
     async def get_model(self, version: str) -> ModelArtifact | None:
@@ -389,8 +389,8 @@ class CassandraStore:
         return ModelArtifact(
             name=row["name"],
             version=version,
-            schema_json=row["schema_json"],
-            model_json=row["model_json"],
+            schema_bytes=row["schema_json"],
+            model_bytes=row["model_json"],
         )
 
     async def claim(self, claim: Claim) -> Claim | None:

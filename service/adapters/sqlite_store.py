@@ -194,7 +194,7 @@ class SqliteStore:
         await self._run(self._migrate)
 
     async def put_model(self, artifact: ModelArtifact) -> None:
-        feature_names = ModelSchema.model_validate_json(artifact.schema_json).feature_names
+        feature_names = ModelSchema.model_validate_json(artifact.schema_bytes).feature_names
         await self._run(self._put_model, artifact, feature_names, _now_ms())
 
     async def get_model(self, version: str) -> ModelArtifact | None:
@@ -203,7 +203,7 @@ class SqliteStore:
             return None
         name, schema_json, model_json = row
         return ModelArtifact(
-            name=name, version=version, schema_json=schema_json, model_json=model_json
+            name=name, version=version, schema_bytes=schema_json, model_bytes=model_json
         )
 
     async def claim(self, claim: Claim) -> Claim | None:
@@ -282,12 +282,12 @@ class SqliteStore:
                 (
                     artifact.version,
                     artifact.name,
-                    artifact.schema_json,
-                    artifact.model_json,
+                    artifact.schema_bytes,
+                    artifact.model_bytes,
                     orjson.dumps(feature_names).decode(),
                     now_ms,
                 ),
             )
             stored = self._connection.execute(SELECT_MODEL, (artifact.version,)).fetchone()
-        if tuple(stored) != (artifact.name, artifact.schema_json, artifact.model_json):
+        if tuple(stored) != (artifact.name, artifact.schema_bytes, artifact.model_bytes):
             raise ModelConflictError(f"model {artifact.version} differs from the stored version")

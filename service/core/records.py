@@ -1,6 +1,5 @@
 """The decision event (what the gateway publishes) and the decision record (what is stored)."""
 
-import warnings
 from datetime import datetime
 from typing import Annotated, Final, Literal
 
@@ -99,18 +98,13 @@ class DecisionRecord(Wire):
     explained_at: datetime
 
 
-# `schema_json` shadows pydantic's deprecated `BaseModel.schema_json()`; the field is the
-# stored name, and pydantic's warning about it would fail every test (warnings are errors).
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message='Field name "schema_json"', category=UserWarning)
+class ModelArtifact(Wire):
+    """A model version as stored, so any worker can load the exact version an event names."""
 
-    class ModelArtifact(Wire):
-        """A model version as stored, so any worker can load the exact version an event names."""
-
-        name: str
-        version: str
-        schema_json: bytes  # type: ignore[assignment]
-        model_json: bytes
+    name: str
+    version: str
+    schema_bytes: bytes
+    model_bytes: bytes
 
 
 class Claim(Wire):

@@ -279,10 +279,10 @@ class LoadedModel:
     def from_artifact(cls, artifact: ModelArtifact) -> "LoadedModel":
         """Load a stored version; raises InvalidModel unless it hashes to its version."""
         try:
-            schema = ModelSchema.model_validate_json(artifact.schema_json)
+            schema = ModelSchema.model_validate_json(artifact.schema_bytes)
         except ValueError as exc:
             raise InvalidModel(f"artifact {artifact.version}: invalid schema") from exc
-        model = cls(schema, artifact.model_json)
+        model = cls(schema, artifact.model_bytes)
         if model.version != artifact.version or model.name != artifact.name:
             raise InvalidModel(
                 f"artifact {artifact.name}@{artifact.version} hashes to "
@@ -295,8 +295,8 @@ class LoadedModel:
         return ModelArtifact(
             name=self.name,
             version=self.version,
-            schema_json=canonical_schema_json(self.schema),
-            model_json=self.model_bytes,
+            schema_bytes=canonical_schema_json(self.schema),
+            model_bytes=self.model_bytes,
         )
 
     @property

@@ -100,12 +100,12 @@ def test_artifact_round_trips(model: LoadedModel, frame: pd.DataFrame) -> None:
 
 def test_tampered_artifacts_are_refused(model: LoadedModel) -> None:
     artifact = model.artifact()
-    schema = orjson.loads(artifact.schema_json)
+    schema = orjson.loads(artifact.schema_bytes)
     schema["decision"]["deny_at_or_above"] = 0.99
-    forged_schema = artifact.model_copy(update={"schema_json": orjson.dumps(schema)})
-    booster = xgb.Booster(model_file=bytearray(artifact.model_json))
+    forged_schema = artifact.model_copy(update={"schema_bytes": orjson.dumps(schema)})
+    booster = xgb.Booster(model_file=bytearray(artifact.model_bytes))
     booster.set_attr(note="changed")
-    forged_model = artifact.model_copy(update={"model_json": bytes(booster.save_raw("json"))})
+    forged_model = artifact.model_copy(update={"model_bytes": bytes(booster.save_raw("json"))})
     renamed = artifact.model_copy(update={"name": "other"})
     for forged in (forged_schema, forged_model, renamed):
         with pytest.raises(InvalidModel, match="tampered"):
