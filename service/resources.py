@@ -40,7 +40,7 @@ async def _open_kafka_mode(
     stack.push_async_callback(store.close)
     await store.migrate()
     await ensure_topics(settings.kafka)
-    bus = await KafkaBus.open(settings.kafka, metrics)
+    bus = await KafkaBus.open(settings.kafka)
     stack.push_async_callback(bus.close)
     return bus, store
 

@@ -33,6 +33,9 @@ from tests.api_client import MODELS, german_rows, problem_fields
 
 SHAPSTREAM = str(Path(sys.executable).with_name("shapstream"))
 TOLERANCE = 1e-5
+# xgboost's own contributions are float32: beyond 1e-5 absolute, allow two float32 ulps of the
+# value (a regression target near 300 has an ulp of 3e-5, finer than float32 can say).
+FLOAT32_RTOL = 2.5e-7
 START_TIMEOUT_S = 90.0
 
 
@@ -213,9 +216,13 @@ def _check_exact(
     reference = reference_contribs(model, rows)
     ours = np.stack([_as_array(e, model) for e in found])
     assert ours.shape == reference.shape
-    assert np.max(np.abs(ours - reference)) <= TOLERANCE
+    np.testing.assert_allclose(ours, reference, rtol=FLOAT32_RTOL, atol=TOLERANCE)
     assert all(e["model"]["version"] == model.version for e in found)
-    assert max(e["additivity_error"] for e in found) <= 1e-4
+    for e in found:
+        margins = e["prediction"].get("margins") or {"": e["prediction"]["margin"]}
+        # float32 sums: the error scales with the margin's size.
+        bound = TOLERANCE * max(1.0, *(abs(m) for m in margins.values()))
+        assert e["additivity_error"] <= bound
 
 
 async def test_german_credit_decisions_are_explained_exactly(stack: Stack) -> None:

@@ -1,0 +1,311 @@
+"""The explainer worker: consume a batch, explain it, write it, then commit. Same for every bus.
+
+One batch at a time: the next batch is not fetched before this one is committed, which is the
+back-pressure (a slow store slows consumption, it never piles up tasks or memory).
+"""
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from service.core.engine.base import Engine
+from service.core.engine.pred_contribs import PredContribs
+from service.core.explain import ExplainResult, Failure, explain_batch, group_by_version
+from service.core.records import DecisionEvent, DecisionRecord
+from service.core.registry import InvalidModel, LoadedModel, ModelRegistry, UnknownModel
+from service.metrics import Metrics
+from service.ports import ConsumedBatch, EventSource, ExplanationStore
+from service.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Dead-letter reasons: stable slugs, used as the metric label and the Kafka header.
+MALFORMED = "malformed"
+UNKNOWN_MODEL_VERSION = "unknown-model-version"
+INVALID_MODEL = "invalid-model"
+INVALID_FEATURES = "invalid-features"
+PREDICTION_MISMATCH = "prediction-mismatch"
+ADDITIVITY_ERROR = "additivity-error"
+EXPLAIN_FAILED = "explain-failed"
+UNSTORABLE = "unstorable-record"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential delay between retries of a failing step, capped."""
+
+    first_s: float = 0.5
+    cap_s: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        return float(min(self.cap_s, self.first_s * 2 ** min(attempt, 30)))
+
+
+class StopRequestedError(Exception):
+    """Stop was requested while a step was being retried: the batch stays uncommitted."""
+
+
+@dataclass
+class _Plan:
+    """What one batch turns into: records to write and payloads to dead-letter."""
+
+    records: list[DecisionRecord] = field(default_factory=list)
+    dead: list[tuple[bytes, str]] = field(default_factory=list)
+    # The consumed bytes of each event, so a dead letter carries exactly what was published.
+    payloads: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Explainer:
+    model: LoadedModel
+    engine: Engine
+
+
+def failure_reason(failure: Failure) -> str:
+    """A stable slug for an explain failure (the free-text detail goes to the log)."""
+    text = failure.reason
+    if text.startswith("invalid features"):
+        return INVALID_FEATURES
+    if text.startswith("additivity error"):
+        return ADDITIVITY_ERROR
+    if text.startswith("decided by version"):
+        return UNKNOWN_MODEL_VERSION
+    return PREDICTION_MISMATCH
+
+
+def choose_engine(model: LoadedModel, setting: str) -> tuple[Engine, str | None]:
+    """The engine for `model`, and why it is not the fast one when `setting` is "auto"."""
+    if setting == "pred_contribs":
+        return PredContribs(model.booster), None
+    try:
+        from service.core.engine.fast import FastTreeShap, UnsupportedModel
+    except ImportError as exc:
+        return PredContribs(model.booster), f"the fast engine is not importable ({exc})"
+    try:
+        return FastTreeShap.from_booster(model.booster), None
+    except UnsupportedModel as exc:
+        return PredContribs(model.booster), f"the fast engine cannot explain it ({exc})"
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+class ExplainerWorker:
+    """Turns consumed decision events into stored explanations, committing only what is stored."""
+
+    def __init__(
+        self,
+        source: EventSource,
+        store: ExplanationStore,
+        registry: ModelRegistry,
+        settings: WorkerSettings,
+        metrics: Metrics,
+        *,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self._source = source
+        self._store = store
+        self._registry = registry
+        self._settings = settings
+        self._metrics = metrics
+        self._backoff = backoff or Backoff()
+        self._explainers: OrderedDict[str, _Explainer] = OrderedDict()
+        self._stop = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Process batches until `stop` is set; the batch in flight is finished first."""
+        self._stop = stop
+        while not stop.is_set():
+            try:
+                await self.process_once()
+            except StopRequestedError:
+                log.info("stopping with a batch uncommitted: it will be redelivered")
+                return
+
+    async def process_once(self) -> int:
+        """Consume, explain, write and commit one batch; return its number of events."""
+        batch = await self._source.next_batch(
+            self._settings.batch_max, self._settings.batch_timeout_ms / 1000
+        )
+        if batch is None:
+            return 0
+        started = time.perf_counter()
+        self._metrics.batch_size.observe(len(batch.payloads))
+        plan = await self._retrying(
+            "explaining (loading model versions)",
+            "check that the store is reachable and holds the versions the events name",
+            lambda: self._plan(batch),
+        )
+        await self._retrying(
+            "dead-lettering",
+            "check that Kafka is reachable and the dead-letter topic exists",
+            lambda: self._send_dead_letters(plan.dead),
+        )
+        await self._retrying(
+            "writing to the store",
+            "check that the explanation store (Cassandra) is reachable and migrated",
+            lambda: self._write(plan),
+        )
+        await batch.commit()
+        self._observe_written(plan.records)
+        self._metrics.batch_seconds.observe(time.perf_counter() - started)
+        return len(batch.payloads)
+
+    async def _retrying(self, step: str, hint: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt` until it succeeds; the batch is neither skipped nor committed."""
+        failures = 0
+        while True:
+            try:
+                return await attempt()
+            # The store and bus adapters raise many driver-specific errors, all transient as far
+            # as this batch is concerned: retry rather than lose or skip events.
+            except Exception as exc:  # noqa: BLE001
+                delay = self._backoff.delay(failures)
+                failures += 1
+                log.warning(
+                    "%s failed (attempt %d: %s: %s); retrying the same batch in %.1f s, "
+                    "nothing is committed until it succeeds: %s",
+                    step,
+                    failures,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    hint,
+                )
+            try:
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+                raise StopRequestedError
+            except TimeoutError:
+                continue
+
+    async def _plan(self, batch: ConsumedBatch) -> _Plan:
+        plan = _Plan()
+        events: list[DecisionEvent] = []
+        payload_of: dict[int, bytes] = {}
+        for payload in batch.payloads:
+            try:
+                event = DecisionEvent.from_bytes(payload)
+            except ValueError:
+                plan.dead.append((payload, MALFORMED))
+                continue
+            events.append(event)
+            payload_of[id(event)] = payload
+            plan.payloads[event.transaction_id] = payload
+        explained_at = datetime.now(UTC)
+        for version, group in group_by_version(events).items():
+            try:
+                explainer = await self._explainer(version)
+            except UnknownModel:
+                log.warning(
+                    "model version %s is unknown: %d events dead-lettered", version, len(group)
+                )
+                plan.dead.extend((payload_of[id(e)], UNKNOWN_MODEL_VERSION) for e in group)
+                continue
+            except InvalidModel as exc:
+                log.error("model version %s cannot be loaded: %s", version, exc)
+                plan.dead.extend((payload_of[id(e)], INVALID_MODEL) for e in group)
+                continue
+            result = await self._explain(explainer, group, explained_at)
+            plan.records.extend(result.records)
+            for failure in result.failures:
+                reason = failure_reason(failure)
+                log.warning(
+                    "transaction %s dead-lettered (%s): %s",
+                    failure.transaction_id,
+                    reason,
+                    failure.reason,
+                )
+                plan.dead.append((payload_of[id(failure.event)], reason))
+        return plan
+
+    async def _explain(
+        self, explainer: _Explainer, events: list[DecisionEvent], explained_at: datetime
+    ) -> ExplainResult:
+        """Explain one version's events in a thread (CPU-bound), isolating events that crash it."""
+        try:
+            return await asyncio.to_thread(
+                explain_batch, explainer.model, explainer.engine, events, explained_at
+            )
+        # A deterministic engine error: retrying the batch would block the partition, so find
+        # the events that cause it and dead-letter only those.
+        except Exception:
+            if len(events) == 1:
+                log.exception("explaining transaction %s failed", events[0].transaction_id)
+                return ExplainResult(failures=[Failure(events[0], EXPLAIN_FAILED)])
+            log.exception("explaining a batch of %d events failed; one by one now", len(events))
+        result = ExplainResult()
+        for event in events:
+            single = await self._explain(explainer, [event], explained_at)
+            result.records.extend(single.records)
+            result.failures.extend(single.failures)
+        return result
+
+    async def _explainer(self, version: str) -> _Explainer:
+        cached = self._explainers.get(version)
+        if cached is not None:
+            self._explainers.move_to_end(version)
+            return cached
+        model = await self._registry.get_version(version, self._store.get_model)
+        engine, fallback = await asyncio.to_thread(choose_engine, model, self._settings.engine)
+        if fallback is None:
+            log.info("model %s@%s: explained by %s", model.name, version, engine.name)
+        else:
+            self._metrics.engine_fallbacks.inc()
+            log.warning(
+                "model %s@%s: explained by %s because %s",
+                model.name,
+                version,
+                engine.name,
+                fallback,
+            )
+        explainer = _Explainer(model, engine)
+        self._explainers[version] = explainer
+        while len(self._explainers) > self._settings.model_cache:
+            self._explainers.popitem(last=False)
+        return explainer
+
+    async def _send_dead_letters(self, dead: list[tuple[bytes, str]]) -> None:
+        # Pop each one once it is acknowledged, so a retry does not publish it again.
+        while dead:
+            payload, reason = dead[0]
+            await self._source.dead_letter(payload, reason)
+            self._metrics.dead_letters.labels(reason=reason).inc()
+            dead.pop(0)
+
+    async def _write(self, plan: _Plan) -> None:
+        if not plan.records:
+            return
+        try:
+            await self._store.write(plan.records)
+        except ValueError:
+            # The store refused a record's content (not an outage): find it, dead-letter it,
+            # and write the others, instead of retrying a batch that can never succeed.
+            plan.records = await self._write_one_by_one(plan)
+
+    async def _write_one_by_one(self, plan: _Plan) -> list[DecisionRecord]:
+        written: list[DecisionRecord] = []
+        for record in plan.records:
+            try:
+                await self._store.write([record])
+            except ValueError as exc:
+                log.error("transaction %s cannot be stored: %s", record.transaction_id, exc)
+                await self._source.dead_letter(plan.payloads[record.transaction_id], UNSTORABLE)
+                self._metrics.dead_letters.labels(reason=UNSTORABLE).inc()
+                continue
+            written.append(record)
+        return written
+
+    def _observe_written(self, records: Sequence[DecisionRecord]) -> None:
+        for record in records:
+            self._metrics.explanations.labels(engine=record.engine).inc()
+            freshness = _utc(record.explained_at) - _utc(record.decided_at)
+            self._metrics.freshness_seconds.observe(max(freshness.total_seconds(), 0.0))
