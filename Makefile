@@ -13,7 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	@echo "==> setting up $(VENV) (first time takes a minute or two)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --upgrade pip
-	@$(PY) -m pip install --quiet --progress-bar off -e '.[dev]'
+	@# The build backend is verbose; its log is shown only if the install fails.
+	@$(PY) -m pip install --progress-bar off -e '.[dev]' > $(VENV)/install.log 2>&1 \
+		|| { tail -40 $(VENV)/install.log; echo "install failed: full log in $(VENV)/install.log"; exit 1; }
 	@touch $@
 
 run: setup

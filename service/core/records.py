@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 EVENT_SCHEMA_VERSION: Final = 1
 
-FeatureValue = float | str | None
+# int before float: an auditor sees the inputs exactly as the client sent them.
+FeatureValue = int | float | str | None
 Features = dict[str, FeatureValue]
 
 
