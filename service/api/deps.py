@@ -22,7 +22,8 @@ class AppState:
     metrics: Metrics
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async: FastAPI runs a plain `def` dependency in a thread pool, a hop per request.
     state = getattr(request.state, STATE_KEY)
     assert isinstance(state, AppState)
     return state

@@ -2,7 +2,7 @@
 
 import hashlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -64,17 +64,12 @@ class Decider:
             decided_at=datetime.now(UTC),
         )
         response = DecisionResponse(transaction_id=txn, model=event.model, prediction=prediction)
-        claim = Claim(
-            transaction_id=txn,
-            request_hash=request_hash(features, model_name),
-            response=response.to_bytes(),
-            event=event.to_bytes(),
-        )
+        fingerprint = request_hash(features, model_name)
         if transaction_id is None:
-            # A fresh uuid cannot collide, so the claim is only needed if the client must retry.
-            await self._publish_or_claim(event, claim)
+            # A fresh uuid cannot collide: the claim is needed only if the client must retry.
+            await self._publish_or_claim(event, _claim(event, response, fingerprint))
             return response
-        return await self._decide_once(event, claim, response)
+        return await self._decide_once(event, _claim(event, response, fingerprint), response)
 
     def _model(self, name: str | None) -> LoadedModel:
         try:
@@ -82,21 +77,22 @@ class Decider:
         except UnknownModel as exc:
             raise InvalidRequest(str(exc), [FieldProblem("model", str(exc))]) from exc
 
-    async def _publish_or_claim(self, event: DecisionEvent, claim: Claim) -> None:
+    async def _publish_or_claim(self, event: DecisionEvent, claim: Callable[[], Claim]) -> None:
         try:
             await self._publish(event)
         except BusUnavailable as exc:
-            await self._store.claim(claim)
+            await self._store.claim(claim())
             raise _retry_with(event.transaction_id, exc) from exc
 
     async def _decide_once(
-        self, event: DecisionEvent, claim: Claim, response: DecisionResponse
+        self, event: DecisionEvent, claim: Callable[[], Claim], response: DecisionResponse
     ) -> DecisionResponse:
-        existing = await self._store.claim(claim)
+        mine = claim()
+        existing = await self._store.claim(mine)
         if existing is None:
             await self._publish_claimed(event)
             return response
-        if existing.request_hash != claim.request_hash:
+        if existing.request_hash != mine.request_hash:
             reason = "already used for a different request"
             raise Conflict(
                 f"Transaction id {event.transaction_id!r} was {reason}.",
@@ -130,6 +126,18 @@ def _score(model: LoadedModel, features: Mapping[str, Any]) -> Prediction:
         problems = [FieldProblem(f"features.{e.field}", e.reason) for e in exc.errors]
         raise InvalidRequest("Some features are invalid.", problems) from exc
     return model.prediction(model.predict_margins(x)[0])
+
+
+def _claim(
+    event: DecisionEvent, response: DecisionResponse, fingerprint: str
+) -> Callable[[], Claim]:
+    """The claim, built only when needed: serialising it costs more than the happy path."""
+    return lambda: Claim(
+        transaction_id=event.transaction_id,
+        request_hash=fingerprint,
+        response=response.to_bytes(),
+        event=event.to_bytes(),
+    )
 
 
 def _retry_with(transaction_id: str, cause: BusUnavailable) -> BusUnavailable:

@@ -1,0 +1,1 @@
+"""Benchmarks of shapstream's moving parts (`shapstream bench ...`)."""

@@ -1,0 +1,1 @@
+"""Compiled TreeSHAP kernel (built by setup.py from treeshap.c)."""
