@@ -2,7 +2,7 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 RUN apt-get update && apt-get install -y --no-install-recommends gcc g++ && rm -rf /var/lib/apt/lists/*
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY service ./service
 COPY workers ./workers
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .

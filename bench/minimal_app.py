@@ -12,7 +12,7 @@ from service.core.registry import LoadedModel
 
 def build(model_dir: Path) -> FastAPI:
     model = LoadedModel.from_directory(model_dir)
-    app = FastAPI()
+    app = FastAPI(telemetry={"tracing": False, "metrics": False, "logs": False})
 
     @app.post("/v1/predictions")
     async def predict(body: dict[str, Any]) -> dict[str, Any]:
@@ -38,6 +38,7 @@ def main() -> None:
         loop="uvloop",
         http="httptools",
         access_log=False,
+        proxy_headers=False,
         log_level="warning",
     )
 

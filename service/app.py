@@ -33,6 +33,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         description=DESCRIPTION,
         version="0.1.0",
         lifespan=lifespan,
+        # Metrics are Prometheus (service/metrics.py); FastAPI's own OpenTelemetry hooks would
+        # cost a check on every request for nothing.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_problem_handlers(app)
     for router in (predictions.router, explanations.router, models.router, health.router):

@@ -3,6 +3,7 @@
 from typing import Annotated
 
 from fastapi import APIRouter
+from starlette.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from service.api.deps import State
@@ -36,7 +37,9 @@ class PredictionRequest(BaseModel):
         503: {"description": "the event bus did not acknowledge; retry with the same id"},
     },
 )
-async def predict(body: PredictionRequest, state: State) -> DecisionResponse:
+async def predict(body: PredictionRequest, state: State) -> Response:
     """Decide, and guarantee the decision's explanation will be stored."""
     decider = Decider(state.registry, state.bus, state.store, state.metrics)
-    return await decider.decide(body.features, body.model, body.transaction_id)
+    decision = await decider.decide(body.features, body.model, body.transaction_id)
+    # Serialised once with orjson; FastAPI would validate and encode the model again.
+    return Response(decision.to_bytes(), media_type="application/json")

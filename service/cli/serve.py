@@ -44,4 +44,6 @@ def _listen(settings: Settings, host: str, port: int) -> None:
         http="httptools",
         access_log=False,
         log_config=None,
+        # Not behind a proxy by default; parsing forwarded headers would cost every request.
+        proxy_headers=False,
     )
