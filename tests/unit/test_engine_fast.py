@@ -18,7 +18,7 @@ from service.core.engine.base import Engine
 from service.core.engine.fast import FastTreeShap, UnsupportedModel
 
 TOLERANCE = 1e-5
-GERMAN_CREDIT = Path("/work/shared/data/german_credit.csv")
+GERMAN_CREDIT = Path(__file__).resolve().parents[2] / "data" / "german_credit.csv"
 
 
 @dataclass(frozen=True)
