@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import xgboost as xgb
 from hypothesis import HealthCheck, given, settings
@@ -190,7 +191,6 @@ def test_rejects_garbage() -> None:
 
 
 def _german() -> tuple[Any, NDArray[np.float32], list[str], NDArray[np.float32]]:
-    pd = pytest.importorskip("pandas")
     frame = pd.read_csv(GERMAN_CREDIT)
     y = (frame.pop("creditability") == "good").to_numpy(dtype=np.float32)
     rng = np.random.default_rng(42)
