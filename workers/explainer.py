@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from service.core.engine.base import Engine
+from service.core.engine.fast import FastTreeShap, UnsupportedModel
 from service.core.engine.pred_contribs import PredContribs
 from service.core.explain import ExplainResult, Failure, explain_batch, group_by_version
 from service.core.records import DecisionEvent, DecisionRecord
@@ -84,10 +85,6 @@ def choose_engine(model: LoadedModel, setting: str) -> tuple[Engine, str | None]
     """The engine for `model`, and why it is not the fast one when `setting` is "auto"."""
     if setting == "pred_contribs":
         return PredContribs(model.booster), None
-    try:
-        from service.core.engine.fast import FastTreeShap, UnsupportedModel
-    except ImportError as exc:
-        return PredContribs(model.booster), f"the fast engine is not importable ({exc})"
     try:
         return FastTreeShap.from_booster(model.booster), None
     except UnsupportedModel as exc:
