@@ -3,8 +3,8 @@
 from typing import Annotated
 
 from fastapi import APIRouter
-from starlette.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from starlette.responses import Response
 
 from service.api.deps import State
 from service.core.decisions import Decider, DecisionResponse
