@@ -3,6 +3,7 @@
 import asyncio
 import hashlib
 import itertools
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -16,6 +17,7 @@ import xgboost as xgb
 from numpy.typing import NDArray
 
 from service.core.engine.base import FloatMatrix
+from service.core.engine.fast import FastPredictor, UnsupportedModel
 from service.core.records import (
     BinaryPrediction,
     ModelArtifact,
@@ -28,9 +30,14 @@ from service.settings import Settings
 AnyPrediction = BinaryPrediction | RegressionPrediction | MulticlassPrediction
 ArtifactLoader = Callable[[str], Awaitable[ModelArtifact | None]]
 
+log = logging.getLogger(__name__)
+
 _F32_MAX = float(np.finfo(np.float32).max)
 # Listing the allowed categories helps a caller fix a request; past this many it is noise.
 _MAX_LISTED_CATEGORIES = 12
+# Rows scored by both the native predictor and xgboost before the native one is trusted.
+_PROBE_ROWS = 384
+_MAX_PROBE_ROWS = 4096
 
 
 class ModelError(Exception):
@@ -99,15 +106,26 @@ def booster_config(booster: xgb.Booster) -> dict[str, Any]:
     return learner
 
 
-def booster_categories(booster: xgb.Booster) -> dict[str, tuple[str, ...]]:
+def booster_json(booster: xgb.Booster) -> dict[str, Any]:
+    """The booster's model as a JSON document (``save_raw("json")``, parsed)."""
+    document: dict[str, Any] = orjson.loads(booster.save_raw("json"))
+    return document
+
+
+def booster_categories(
+    booster: xgb.Booster, model_json: dict[str, Any] | None = None
+) -> dict[str, tuple[str, ...]]:
     """Categories the booster stored (xgboost >= 3.1, trained from a DataFrame), by feature.
 
     The order is the training order, so a category's position is its code. Numeric
-    categories are given as their decimal text.
+    categories are given as their decimal text. `model_json` saves parsing the booster
+    again when the caller already has its `booster_json`.
     """
-    booster_json = orjson.loads(booster.save_raw("json"))["learner"]["gradient_booster"]
+    if model_json is None:
+        model_json = booster_json(booster)
+    gradient_booster = model_json["learner"]["gradient_booster"]
     # dart nests its trees one level deeper than gbtree.
-    trees = booster_json.get("gbtree", booster_json).get("model", {})
+    trees = gradient_booster.get("gbtree", gradient_booster).get("model", {})
     encodings = trees.get("cats", {}).get("enc", [])
     names = booster.feature_names or [f"f{i}" for i in range(booster.num_features())]
     found: dict[str, tuple[str, ...]] = {}
@@ -213,7 +231,7 @@ def _columns(schema: ModelSchema) -> tuple[_Column, ...]:
     return tuple(columns)
 
 
-def _check_features(schema: ModelSchema, booster: xgb.Booster) -> None:
+def _check_features(schema: ModelSchema, booster: xgb.Booster, model_json: dict[str, Any]) -> None:
     if booster.num_features() != len(schema.features):
         raise InvalidModel(
             f"the model has {booster.num_features()} features, the schema {len(schema.features)}"
@@ -224,7 +242,7 @@ def _check_features(schema: ModelSchema, booster: xgb.Booster) -> None:
     for feature, kind in zip(schema.features, types, strict=True):
         if (kind == "c") != (feature.type is FeatureType.CATEGORICAL):
             raise InvalidModel(f"{feature.name!r} is {kind!r} in the model")
-    stored = booster_categories(booster)
+    stored = booster_categories(booster, model_json)
     for feature in schema.features:
         if feature.name in stored and stored[feature.name] != feature.categories:
             raise InvalidModel(
@@ -258,12 +276,15 @@ class LoadedModel:
             self.booster = load_booster(model_bytes)
         except xgb.core.XGBoostError as exc:
             raise InvalidModel(f"{schema.name}: the model file cannot be loaded") from exc
-        self._check_booster()
+        # Parsed once per version: the schema checks and the native predictor share it.
+        model_json = booster_json(self.booster)
+        self._check_booster(model_json)
         self._columns = _columns(schema)
         self._names = frozenset(schema.feature_names)
         self._n = len(schema.features)
         objective = booster_config(self.booster)["objective"]["name"]
         self._link = _REGRESSION_LINKS.get(objective, _identity)
+        self.native: FastPredictor | None = self._native_predictor(model_json)
 
     @classmethod
     def from_directory(cls, path: Path) -> "LoadedModel":
@@ -304,10 +325,10 @@ class LoadedModel:
         """Margin columns per row (one per class for multiclass, else one)."""
         return self.schema.outputs
 
-    def _check_booster(self) -> None:
+    def _check_booster(self, model_json: dict[str, Any]) -> None:
         """Refuse a schema that does not describe this booster."""
         try:
-            _check_features(self.schema, self.booster)
+            _check_features(self.schema, self.booster, model_json)
             _check_objective(self.schema, self.booster)
         except InvalidModel as exc:
             raise InvalidModel(f"{self.schema.name}: {exc}") from None
@@ -363,8 +384,39 @@ class LoadedModel:
             raise InvalidFeatures([e for row in batch.errors.values() for e in row])
         return batch.x
 
+    def _native_predictor(self, model_json: dict[str, Any]) -> FastPredictor | None:
+        """The native margin predictor, if it reproduces the booster bit for bit.
+
+        Checked on synthetic rows (every category, unseen and invalid codes, NaN, values
+        on both sides of every split) against ``inplace_predict``; otherwise None, and
+        `predict_margins` keeps calling xgboost.
+        """
+        where = f"{self.name}@{self.version[:12]}"
+        try:
+            native = FastPredictor.from_json(model_json)
+            if native.n_outputs != self.outputs or native.n_features != self._n:
+                raise UnsupportedModel("its outputs or features differ from the schema's")
+            why = native.mismatch(self.booster, _probe_rows(self.schema, native))
+        except UnsupportedModel as exc:
+            why = str(exc)
+        except xgb.core.XGBoostError as exc:  # xgboost refused a probe row
+            why = f"xgboost could not score the probe rows: {exc}"
+        if why is not None:
+            log.warning("%s: scoring with xgboost, not the native predictor: %s", where, why)
+            return None
+        log.info("%s: scoring with the native predictor (bit-exact with xgboost)", where)
+        return native
+
     def predict_margins(self, x: FloatMatrix) -> NDArray[np.float64]:
         """Raw margins, shape (rows, outputs)."""
+        native = self.native
+        if native is not None:
+            # Bitwise identical to inplace_predict (checked at load), without xgboost's
+            # per-call overhead. TypeError: not a float32 matrix of the model's width.
+            try:
+                return native.predict_margins(x)
+            except TypeError:
+                pass
         # inplace_predict reads category codes like a DMatrix does and is about 2x
         # faster for one row (no DMatrix to build).
         margins = self.booster.inplace_predict(
@@ -401,6 +453,52 @@ class LoadedModel:
         """Validate, encode and score one request."""
         row = self.encode(features)
         return self.prediction(self.predict_margins(row.reshape(1, -1))[0])
+
+
+def _probe_rows(schema: ModelSchema, native: FastPredictor) -> FloatMatrix:
+    """Synthetic rows that exercise every routing rule of the model.
+
+    Categorical features take every category code (each at least once, never masked)
+    plus unseen, negative, fractional and out-of-range codes; numerical features take
+    each split condition and its float32 neighbours, the schema's bounds, zero,
+    infinities and random values. About a tenth of the other values are NaN.
+    """
+    rng = np.random.default_rng(20_240_229)
+    widest = max((len(f.categories) for f in schema.features), default=0)
+    pools: dict[int, NDArray[np.float32]] = {}
+    for j, feature in enumerate(schema.features):
+        if feature.type is FeatureType.CATEGORICAL:
+            continue
+        splits = native.split_values(j)
+        finite = splits[np.isfinite(splits)]
+        scale = 1.0 + float(np.abs(finite).max(initial=0.0))
+        bounds = [b for b in (feature.minimum, feature.maximum) if b is not None]
+        pools[j] = np.concatenate(
+            [
+                splits,
+                np.nextafter(splits, np.float32(-np.inf)),
+                np.nextafter(splits, np.float32(np.inf)),
+                np.array([0.0, -0.0, np.inf, -np.inf], dtype=np.float32),
+                np.clip(np.array(bounds, dtype=np.float64), -_F32_MAX, _F32_MAX).astype(np.float32),
+                (rng.standard_normal(32) * scale).astype(np.float32),
+            ]
+        )
+    largest_pool = max((len(p) for p in pools.values()), default=0)
+    n = max(2 * widest + 32, min(max(_PROBE_ROWS, largest_pool), _MAX_PROBE_ROWS))
+    x = np.empty((n, len(schema.features)), dtype=np.float32)
+    for j, pool in pools.items():
+        x[:, j] = pool[rng.permutation(np.resize(np.arange(len(pool)), n))]
+    x[rng.random(x.shape) < 0.1] = np.nan
+    for j, feature in enumerate(schema.features):
+        if feature.type is not FeatureType.CATEGORICAL:
+            continue
+        k = len(feature.categories)
+        x[k:, j] = rng.integers(0, max(k, 1), n - k)
+        x[rng.random(n) < 0.1, j] = np.nan
+        x[:k, j] = (np.arange(k) + j) % k  # every category, NaN-free
+        odd = np.array([k, k + 1, k + 40, -1.0, 0.5, k - 0.5, 2.0**24, 1e9], dtype=np.float32)
+        x[rng.choice(np.arange(k, n), size=len(odd), replace=False), j] = odd
+    return x
 
 
 class _Absent:

@@ -41,7 +41,11 @@ class Case:
 
 @st.composite
 def cases(draw: st.DrawFn) -> Case:
-    objective = draw(st.sampled_from(["binary:logistic", "reg:squarederror", "multi:softprob"]))
+    objective = draw(
+        st.sampled_from(
+            ["binary:logistic", "binary:logitraw", "reg:squarederror", "multi:softprob"]
+        )
+    )
     n_features = draw(st.integers(1, 8))
     n_cat = draw(st.integers(0, min(2, n_features)))
     return Case(
@@ -75,7 +79,7 @@ def _train(case: Case) -> tuple[xgb.Booster, list[str], NDArray[np.float32]]:
     z = np.nan_to_num(x, nan=0.5)
     signal = z @ rng.normal(size=case.n_features) + np.sin(3 * z[:, 0])
     y: NDArray[Any]
-    if case.objective == "binary:logistic":
+    if case.objective.startswith("binary:"):
         y = (signal + rng.normal(size=case.n_rows) > 0).astype(np.float32)
     elif case.objective == "multi:softprob":
         y = np.digitize(signal, np.quantile(signal, np.linspace(0, 1, case.n_classes + 1)[1:-1]))

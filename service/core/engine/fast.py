@@ -7,6 +7,11 @@ follows the path" patterns, and evaluates whole batches in native code, one thre
 call. Missing values follow the default direction and categorical splits test set
 membership exactly as xgboost routes them, so the values equal
 ``Booster.predict(DMatrix, pred_contribs=True)`` up to float rounding.
+
+`FastPredictor` reuses the same parsed model for raw margins that are bitwise identical
+to ``Booster.inplace_predict(x, predict_type="margin")``: the intercept turned into a
+margin and every tree's leaf added in float32, in tree order, as xgboost's CPU predictor
+does.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from numpy.typing import NDArray
 
 from service.core.engine.base import Contributions, FloatMatrix
 
-__all__ = ["BuildStats", "FastTreeShap", "UnsupportedModel"]
+__all__ = ["BuildStats", "FastPredictor", "FastTreeShap", "ParsedModel", "UnsupportedModel"]
 
 ENGINE_NAME = "shapstream"
 # Leaves with more distinct path features than this are evaluated without tables.
@@ -31,7 +36,8 @@ DEFAULT_DMAX = 12
 # Upper bound on the precomputed tables; dmax is lowered until the model fits.
 DEFAULT_TABLE_LIMIT_BYTES = 2 * 1024**3
 
-_LOGIT_OBJECTIVES = frozenset({"binary:logistic", "reg:logistic", "binary:logitraw"})
+# binary:logitraw keeps its intercept as given (xgboost applies no link to it).
+_LOGIT_OBJECTIVES = frozenset({"binary:logistic", "reg:logistic"})
 _LOG_OBJECTIVES = frozenset({"count:poisson", "reg:gamma", "reg:tweedie", "survival:cox"})
 
 
@@ -114,9 +120,8 @@ class _Flat:
             bad = ((self.feat < 0) | (self.feat >= n_features)) & ~leaf
             if bad.any():
                 raise UnsupportedModel("a split uses a feature index outside num_feature")
-        words: list[NDArray[np.uint32]] = []
         counts = np.zeros(total, dtype=np.int64)
-        node_words: dict[int, NDArray[np.uint32]] = {}
+        node_words: dict[int, list[int]] = {}
         for ti, t in enumerate(trees):
             nodes = t.get("categories_nodes") or []
             if not nodes:
@@ -125,14 +130,14 @@ class _Flat:
             for nid, seg, size in zip(
                 nodes, t["categories_segments"], t["categories_sizes"], strict=True
             ):
-                codes = np.asarray(values[seg : seg + size], dtype=np.int64)
-                if codes.size and (codes.min() < 0 or codes.max() >= 1 << 24):
+                # Plain ints: a node holds a handful of codes, numpy per node is slower.
+                codes = [int(c) for c in values[seg : seg + size]]
+                if codes and (min(codes) < 0 or max(codes) >= 1 << 24):
                     raise UnsupportedModel("category code outside xgboost's valid range")
-                nwords = int(codes.max()) // 32 + 1 if codes.size else 0
-                bits = np.zeros(nwords, dtype=np.uint32)
-                np.bitwise_or.at(
-                    bits, codes // 32, (np.uint32(1) << (codes % 32).astype(np.uint32))
-                )
+                nwords = max(codes) // 32 + 1 if codes else 0
+                bits = [0] * nwords
+                for c in codes:
+                    bits[c >> 5] |= 1 << (c & 31)
                 gid = int(self.tree_ptr[ti]) + int(nid)
                 node_words[gid] = bits
                 counts[gid] = nwords
@@ -142,27 +147,15 @@ class _Flat:
             raise UnsupportedModel("a categorical split has no category set in the model")
         self.cat_ptr = np.zeros(total + 1, dtype=np.int64)
         np.cumsum(counts, out=self.cat_ptr[1:])
-        for gid in sorted(node_words):
-            words.append(node_words[gid])
-        self.cat_words = (
-            np.concatenate(words).astype(np.uint32) if words else np.zeros(0, dtype=np.uint32)
+        self.cat_words = np.array(
+            [w for gid in sorted(node_words) for w in node_words[gid]], dtype=np.uint32
         )
 
 
-class FastTreeShap:
-    """Exact path-dependent TreeSHAP of one XGBoost model version (the `Engine` protocol)."""
+class ParsedModel:
+    """One booster's JSON, checked and flattened once; the engines built from it share it."""
 
-    name: str = ENGINE_NAME
-
-    def __init__(
-        self,
-        model_json: dict[str, Any],
-        *,
-        dmax: int = DEFAULT_DMAX,
-        table_limit_bytes: int = DEFAULT_TABLE_LIMIT_BYTES,
-        json_seconds: float = 0.0,
-    ) -> None:
-        t0 = time.perf_counter()
+    def __init__(self, model_json: dict[str, Any]) -> None:
         learner = model_json["learner"]
         gb = learner["gradient_booster"]
         booster_name = gb.get("name")
@@ -171,8 +164,8 @@ class FastTreeShap:
         params = learner["learner_model_param"]
         self.n_features = int(params["num_feature"])
         n_class = int(params.get("num_class", "0"))
-        n_target = int(params.get("num_target", "1"))
-        self.n_outputs = max(n_class, n_target, 1)
+        self.n_targets = int(params.get("num_target", "1"))
+        self.n_outputs = max(n_class, self.n_targets, 1)
         model = gb["model"]
         trees: list[dict[str, Any]] = model["trees"]
         tree_info = [int(g) for g in model["tree_info"]]
@@ -191,8 +184,66 @@ class FastTreeShap:
             scores = scores * self.n_outputs
         if len(scores) != self.n_outputs:
             raise UnsupportedModel("base_score does not match the number of outputs")
-        base = np.array([_margin(self.objective, s) for s in scores], dtype=np.float64)
-        flat = _Flat(trees, self.n_features)
+        # The intercept as stored (probability space for logistic objectives).
+        self.base_score = scores
+        self.n_trees = len(trees)
+        # xgboost leaves a not-yet-fitted intercept (no trees, to be estimated from the
+        # training data) unlinked: Learner::InitModelUserParam, InitModelParam(..., false).
+        self.intercept_linked = bool(trees) or int(params.get("boost_from_average", "1")) == 0
+        self.tree_info = np.asarray(tree_info, dtype=np.int32)
+        self.flat = _Flat(trees, self.n_features)
+
+    @classmethod
+    def from_booster(cls, booster: Any) -> ParsedModel:
+        """Parse an ``xgboost.Booster``'s JSON. Raises `UnsupportedModel` when it cannot."""
+        return cls.from_json(_booster_json(booster))
+
+    @classmethod
+    def from_json(cls, model_json: dict[str, Any]) -> ParsedModel:
+        """Check and flatten a model JSON document. Raises `UnsupportedModel`."""
+        try:
+            return cls(model_json)
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            if isinstance(exc, UnsupportedModel):
+                raise
+            raise UnsupportedModel(f"unexpected model JSON: {exc!r}") from exc
+
+
+def _booster_json(booster: Any) -> dict[str, Any]:
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # json.loads of a big model otherwise triggers many full collections
+    try:
+        raw = booster.save_raw("json")
+        model_json: dict[str, Any] = json.loads(bytes(raw))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise UnsupportedModel(f"cannot read the booster as JSON: {exc}") from exc
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return model_json
+
+
+class FastTreeShap:
+    """Exact path-dependent TreeSHAP of one XGBoost model version (the `Engine` protocol)."""
+
+    name: str = ENGINE_NAME
+
+    def __init__(
+        self,
+        model_json: dict[str, Any] | ParsedModel,
+        *,
+        dmax: int = DEFAULT_DMAX,
+        table_limit_bytes: int = DEFAULT_TABLE_LIMIT_BYTES,
+        json_seconds: float = 0.0,
+    ) -> None:
+        t0 = time.perf_counter()
+        parsed = model_json if isinstance(model_json, ParsedModel) else ParsedModel(model_json)
+        self.n_features = parsed.n_features
+        self.n_outputs = parsed.n_outputs
+        self.objective = parsed.objective
+        base = np.array([_margin(self.objective, v) for v in parsed.base_score], dtype=np.float64)
+        flat = parsed.flat
+        tree_info = parsed.tree_info
         t1 = time.perf_counter()
         native = _native()
         cap: Any = None
@@ -204,7 +255,7 @@ class FastTreeShap:
                     dmax,
                     table_limit_bytes,
                     flat.tree_ptr,
-                    np.asarray(tree_info, dtype=np.int32),
+                    tree_info,
                     flat.left,
                     flat.right,
                     flat.feat,
@@ -254,16 +305,7 @@ class FastTreeShap:
         an all-missing row (catches objectives whose base_score transform is unknown).
         """
         t0 = time.perf_counter()
-        gc_was_enabled = gc.isenabled()
-        gc.disable()  # json.loads of a big model otherwise triggers many full collections
-        try:
-            raw = booster.save_raw("json")
-            model_json = json.loads(bytes(raw))
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise UnsupportedModel(f"cannot read the booster as JSON: {exc}") from exc
-        finally:
-            if gc_was_enabled:
-                gc.enable()
+        model_json = _booster_json(booster)
         try:
             engine = cls(
                 model_json,
@@ -311,3 +353,130 @@ class FastTreeShap:
         if xc.shape[0]:
             self._native.shap(self._cap, xc, out)
         return out
+
+
+# How xgboost 3.x turns a stored intercept into a margin (ObjFunction::ProbToMargin):
+# 1 = -logf(1/p - 1) with p clipped to [1e-6, 1 - 1e-6], 2 = logf(p), 0 = unchanged.
+# Objectives not listed are left to xgboost.
+_PREDICT_LINKS: dict[str, int] = {
+    "binary:logistic": 1,
+    "reg:logistic": 1,
+    "count:poisson": 2,
+    "reg:gamma": 2,
+    "reg:tweedie": 2,
+    "binary:logitraw": 0,
+    "reg:squarederror": 0,
+    "reg:squaredlogerror": 0,
+    "reg:absoluteerror": 0,
+    "reg:pseudohubererror": 0,
+    "reg:quantileerror": 0,
+    "multi:softprob": 0,
+    "multi:softmax": 0,
+}
+
+
+class FastPredictor:
+    """Raw margins bitwise identical to ``inplace_predict(x, predict_type="margin")``.
+
+    Starts every output at the intercept (in margin space, computed in float32 as xgboost
+    does) and adds each tree's leaf in float32, in tree order, to the output its tree_info
+    names; rows are routed like xgboost (``x < split`` goes left, NaN takes the default
+    child, categorical splits by set membership). Single-threaded.
+    """
+
+    def __init__(self, parsed: ParsedModel) -> None:
+        link = _PREDICT_LINKS.get(parsed.objective)
+        if link is None:
+            raise UnsupportedModel(f"objective {parsed.objective!r} has no known intercept link")
+        if parsed.n_targets > 1:
+            raise UnsupportedModel("multi-target models are not supported")
+        if not parsed.intercept_linked:
+            link = 0
+        self.n_features = parsed.n_features
+        self.n_outputs = parsed.n_outputs
+        self.objective = parsed.objective
+        flat = parsed.flat
+        native = _native()
+        try:
+            self._cap = native.predictor(
+                self.n_features,
+                self.n_outputs,
+                link,
+                flat.tree_ptr,
+                parsed.tree_info,
+                flat.left,
+                flat.right,
+                flat.feat,
+                flat.thr,
+                flat.dleft,
+                flat.iscat,
+                flat.cat_ptr,
+                flat.cat_words,
+                np.asarray(parsed.base_score, dtype=np.float32),
+            )
+        except ValueError as exc:
+            raise UnsupportedModel(str(exc)) from exc
+        self._predict = native.predict
+        self._native = native
+        # Numerical split conditions by feature, for probes that hit every boundary.
+        numeric = (flat.left >= 0) & (flat.iscat == 0)
+        self._splits = {
+            int(f): np.unique(flat.thr[numeric & (flat.feat == f)])
+            for f in np.unique(flat.feat[numeric])
+        }
+
+    @classmethod
+    def from_booster(cls, booster: Any) -> FastPredictor:
+        """Parse an ``xgboost.Booster`` once. Raises `UnsupportedModel` when it cannot."""
+        return cls(ParsedModel.from_booster(booster))
+
+    @classmethod
+    def from_json(cls, model_json: dict[str, Any]) -> FastPredictor:
+        """From the booster's ``save_raw("json")`` document, already loaded."""
+        return cls(ParsedModel.from_json(model_json))
+
+    @property
+    def base_margin(self) -> NDArray[np.float32]:
+        """The intercept per output in margin space, as xgboost computes it."""
+        return np.asarray(self._native.predictor_base(self._cap), dtype=np.float32)
+
+    def split_values(self, feature: int) -> NDArray[np.float32]:
+        """The distinct numerical split conditions on `feature` (possibly none)."""
+        return self._splits.get(feature, np.zeros(0, dtype=np.float32))
+
+    def predict_margins(self, x: FloatMatrix) -> NDArray[np.float64]:
+        """Raw margins, shape (rows, outputs): float32 values held in float64.
+
+        Raises TypeError unless `x` is a float32 (rows, features) matrix.
+        """
+        out = np.empty((len(x), self.n_outputs), dtype=np.float64)
+        try:
+            self._predict(self._cap, x, out)
+        except (TypeError, ValueError, BufferError):
+            if x.dtype != np.float32 or x.ndim != 2 or x.flags.c_contiguous:
+                raise TypeError(
+                    f"x must be float32 (rows, {self.n_features}), got {x.dtype} {x.shape}"
+                ) from None
+            self._predict(self._cap, np.ascontiguousarray(x), out)
+        return out
+
+    def mismatch(self, booster: Any, x: FloatMatrix) -> str | None:
+        """Why the margins of `x` differ from the booster's in any bit, or None."""
+        theirs = np.asarray(
+            booster.inplace_predict(
+                x, predict_type="margin", strict_shape=True, validate_features=False
+            ),
+            dtype=np.float32,
+        )
+        if theirs.size != len(x) * self.n_outputs:
+            return f"xgboost returned shape {theirs.shape}"
+        theirs = theirs.reshape(len(x), self.n_outputs)
+        ours = self.predict_margins(x).astype(np.float32)
+        differ = ours.view(np.uint32) != theirs.view(np.uint32)
+        if not differ.any():
+            return None
+        row, col = (int(i) for i in np.argwhere(differ)[0])
+        return (
+            f"{int(differ.sum())} of {differ.size} margins differ "
+            f"(row {row}, output {col}: {ours[row, col]!r} != {theirs[row, col]!r})"
+        )

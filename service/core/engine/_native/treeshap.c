@@ -736,11 +736,348 @@ static PyObject *py_bias(PyObject *self, PyObject *args) {
     return lst;
 }
 
+/* ---------------------------------------------------------------- margin predictor
+ *
+ * Raw margins bit-identical to xgboost 3.x's CPU `inplace_predict(predict_type="margin")`
+ * (src/predictor/cpu_predictor.cc, predictor.cc, predict_fn.h):
+ *   - the output starts at the intercept in margin space: InitOutPredictions fills each
+ *     (row, group) with base_score(group) as a float;
+ *   - each tree's leaf value (a float) is added to out(row, tree_info[tree]) in tree order
+ *     (PredValueByOneTree: `out_predt(row, gid) += LeafValue`), in float arithmetic.  Row
+ *     blocks and the array tree layout only change which rows and nodes are visited
+ *     together, not the order of the additions into one output;
+ *   - the child taken is LeftChild + !decision, where decision is `x < split_cond` for
+ *     numerical splits and "not in the category set (or an invalid category)" for
+ *     categorical ones; a NaN takes the default child;
+ *   - the intercept is turned into a margin by the objective's ProbToMargin in float:
+ *     -logf(1/p - 1) with p clipped to [1e-6, 1 - 1e-6] (logistic), logf(p) (log link),
+ *     else unchanged.
+ * Single-threaded, plain float arithmetic (no -ffast-math), so the results are exact. */
+
+#define PRED_CAPSULE_NAME "shapstream.treeshap.Predictor"
+#define PRED_BLOCK 64
+#define PRED_LANES 4 /* trees walked side by side for one row */
+
+enum { LINK_IDENTITY = 0, LINK_LOGIT = 1, LINK_LOG = 2 };
+
+typedef struct {
+    float value;      /* split condition, or the leaf value */
+    int32_t left;     /* global index of the left child (right = left + 1); -1 for a leaf */
+    int32_t feat;
+    uint32_t flags;   /* bit 0 default left, bit 1 categorical, bits 2.. category slot */
+} PNode;
+
+typedef struct {
+    int64_t off;
+    int32_t nwords;
+} PCat;
+
+typedef struct {
+    int n_features, n_groups, n_trees;
+    PNode *nodes;
+    int64_t n_nodes;
+    int32_t *roots;  /* global index of each tree's root */
+    int32_t *groups; /* output group of each tree */
+    PCat *cats;
+    uint32_t *cat_words;
+    float *base; /* intercept per group, margin space */
+} Predictor;
+
+static void predictor_free(Predictor *p) {
+    if (!p) return;
+    free(p->nodes);
+    free(p->roots);
+    free(p->groups);
+    free(p->cats);
+    free(p->cat_words);
+    free(p->base);
+    free(p);
+}
+
+static void predictor_destructor(PyObject *cap) {
+    predictor_free((Predictor *)PyCapsule_GetPointer(cap, PRED_CAPSULE_NAME));
+}
+
+/* xgboost's ObjFunction::ProbToMargin for the supported links, in float. */
+static float intercept_margin(float score, int link) {
+    if (link == LINK_LOGIT) {
+        const float eps = 1e-6f; /* kRtEps */
+        float p = score < eps ? eps : score;             /* common::Max(score, kRtEps) */
+        p = p > 1.0f - eps ? 1.0f - eps : p;             /* common::Min(p, 1 - kRtEps) */
+        return -logf(1.0f / p - 1.0f);                   /* common::Logit */
+    }
+    if (link == LINK_LOG) return logf(score);
+    return score;
+}
+
+static inline int32_t pred_next(const Predictor *p, const PNode *n, float v) {
+    if (isnan(v)) return (n->flags & 1u) ? n->left : n->left + 1;
+    if (!(n->flags & 2u)) return n->left + !(v < n->value);
+    /* common::Decision: invalid categories and categories past the bit field go left,
+     * categories in the node's set go right. */
+    if (v < 0.0f || v >= 16777216.0f) return n->left;
+    const PCat *c = &p->cats[n->flags >> 2];
+    uint32_t code = (uint32_t)v;
+    uint32_t w = code >> 5;
+    if ((int64_t)w >= c->nwords) return n->left;
+    return n->left + (int32_t)((p->cat_words[c->off + w] >> (code & 31)) & 1u);
+}
+
+/* predictor(n_features, n_groups, link, tree_ptr i64, group i32, left i32, right i32,
+ *           feat i32, value f32, dleft u8, iscat u8, cat_ptr i64, cat_words u32,
+ *           base_score f32) -> capsule.  Same node arrays as build(); `value` holds the
+ *           split conditions, which are the leaf values at leaves; base_score is the
+ *           intercept as stored in the model (before the link). */
+static PyObject *py_predictor(PyObject *self, PyObject *args) {
+    (void)self;
+    int n_features, n_groups, link;
+    PyObject *objs[11];
+    if (!PyArg_ParseTuple(args, "iiiOOOOOOOOOOO", &n_features, &n_groups, &link, &objs[0],
+                          &objs[1], &objs[2], &objs[3], &objs[4], &objs[5], &objs[6],
+                          &objs[7], &objs[8], &objs[9], &objs[10]))
+        return NULL;
+    static const Py_ssize_t sizes[11] = {8, 4, 4, 4, 4, 4, 1, 1, 8, 4, 4};
+    static const char *names[11] = {"tree_ptr", "group", "left",    "right",     "feat",
+                                    "value",    "dleft", "iscat",   "cat_ptr",   "cat_words",
+                                    "base_score"};
+    Py_buffer bufs[11];
+    int nb = 0;
+    PyObject *result = NULL;
+    Predictor *p = NULL;
+    const char *err = NULL;
+    for (; nb < 11; nb++)
+        if (get_buf(objs[nb], &bufs[nb], sizes[nb], names[nb]) < 0) goto done;
+    if (n_features <= 0 || n_groups <= 0 || link < LINK_IDENTITY || link > LINK_LOG) {
+        PyErr_SetString(PyExc_ValueError, "bad n_features, n_groups or link");
+        goto done;
+    }
+    {
+        const int64_t *tree_ptr = bufs[0].buf;
+        const int32_t *group = bufs[1].buf, *left = bufs[2].buf, *right = bufs[3].buf,
+                      *feat = bufs[4].buf;
+        const float *value = bufs[5].buf, *base_score = bufs[10].buf;
+        const uint8_t *dleft = bufs[6].buf, *iscat = bufs[7].buf;
+        const int64_t *cat_ptr = bufs[8].buf;
+        int64_t n_trees = bufs[0].len / 8 - 1;
+        int64_t n_nodes = bufs[2].len / 4;
+        int64_t n_words = bufs[9].len / 4;
+        if (n_trees < 0 || bufs[1].len / 4 != n_trees || bufs[3].len / 4 != n_nodes ||
+            bufs[4].len / 4 != n_nodes || bufs[5].len / 4 != n_nodes ||
+            bufs[6].len != n_nodes || bufs[7].len != n_nodes ||
+            bufs[8].len / 8 != n_nodes + 1 || bufs[10].len / 4 != n_groups ||
+            tree_ptr[0] != 0 || tree_ptr[n_trees] != n_nodes || n_nodes >= INT32_MAX ||
+            n_trees >= INT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "inconsistent model arrays");
+            goto done;
+        }
+        p = calloc(1, sizeof(Predictor));
+        if (!p) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        p->n_features = n_features;
+        p->n_groups = n_groups;
+        p->n_trees = (int)n_trees;
+        p->n_nodes = n_nodes;
+        int64_t n_cat = 0;
+        for (int64_t i = 0; i < n_nodes; i++) n_cat += iscat[i] ? 1 : 0;
+        p->nodes = malloc((size_t)(n_nodes > 0 ? n_nodes : 1) * sizeof(PNode));
+        p->roots = malloc((size_t)(n_trees > 0 ? n_trees : 1) * sizeof(int32_t));
+        p->groups = malloc((size_t)(n_trees > 0 ? n_trees : 1) * sizeof(int32_t));
+        p->cats = malloc((size_t)(n_cat > 0 ? n_cat : 1) * sizeof(PCat));
+        p->cat_words = malloc((size_t)(n_words > 0 ? n_words : 1) * sizeof(uint32_t));
+        p->base = malloc((size_t)n_groups * sizeof(float));
+        if (!p->nodes || !p->roots || !p->groups || !p->cats || !p->cat_words || !p->base) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        if (n_words) memcpy(p->cat_words, bufs[9].buf, (size_t)n_words * sizeof(uint32_t));
+        for (int g = 0; g < n_groups; g++) p->base[g] = intercept_margin(base_score[g], link);
+        int64_t slot = 0;
+        for (int64_t t = 0; t < n_trees && !err; t++) {
+            int64_t lo = tree_ptr[t], hi = tree_ptr[t + 1];
+            if (hi <= lo) err = "empty tree";
+            else if (group[t] < 0 || group[t] >= n_groups) err = "tree group out of range";
+            p->roots[t] = (int32_t)lo;
+            p->groups[t] = group[t];
+            for (int64_t i = lo; i < hi && !err; i++) {
+                PNode *n = &p->nodes[i];
+                n->value = value[i];
+                n->feat = 0;
+                n->flags = 0;
+                if (left[i] == -1) { /* RegTree::kInvalidNodeId marks a leaf */
+                    n->left = -1;
+                    continue;
+                }
+                /* Children after their parent (so every walk ends at a leaf) and the right
+                 * child next to the left one (xgboost walks to LeftChild + 1). */
+                int64_t l = left[i];
+                if (l <= i - lo || l + 1 >= hi - lo || right[i] != left[i] + 1)
+                    err = "unexpected child indices";
+                else if (feat[i] < 0 || feat[i] >= n_features)
+                    err = "split feature index out of range";
+                else if (cat_ptr[i] < 0 || cat_ptr[i + 1] < cat_ptr[i] || cat_ptr[i + 1] > n_words)
+                    err = "bad categorical bit field offsets";
+                if (err) break;
+                n->left = (int32_t)(lo + l);
+                n->feat = feat[i];
+                n->flags = dleft[i] ? 1u : 0u;
+                if (iscat[i]) {
+                    if (slot >= (1 << 29)) {
+                        err = "too many categorical splits";
+                        break;
+                    }
+                    p->cats[slot].off = cat_ptr[i];
+                    p->cats[slot].nwords = (int32_t)(cat_ptr[i + 1] - cat_ptr[i]);
+                    n->flags |= 2u | ((uint32_t)slot << 2);
+                    slot++;
+                }
+            }
+        }
+        if (err) {
+            PyErr_SetString(PyExc_ValueError, err);
+            goto done;
+        }
+        result = PyCapsule_New(p, PRED_CAPSULE_NAME, predictor_destructor);
+        if (result) p = NULL;
+    }
+done:
+    for (int i = 0; i < nb; i++) PyBuffer_Release(&bufs[i]);
+    predictor_free(p);
+    return result;
+}
+
+static void predict_block(const Predictor *p, const float *x, int64_t n_rows, double *out) {
+    const int F = p->n_features, G = p->n_groups;
+    float acc[PRED_BLOCK * 8];
+    const PNode *nodes = p->nodes;
+    /* groups in chunks of 8 keep acc on the stack; each output still sums its trees in
+     * tree order starting from the intercept */
+    for (int g0 = 0; g0 < G; g0 += 8) {
+        const int ng = G - g0 < 8 ? G - g0 : 8;
+        for (int64_t r = 0; r < n_rows; r++)
+            for (int g = 0; g < ng; g++) acc[r * 8 + g] = p->base[g0 + g];
+        int t = 0;
+        if (ng == G) {
+            /* PRED_LANES trees walked side by side (independent load chains), their leaves
+             * then added one by one in tree order. */
+            for (; t + PRED_LANES <= p->n_trees; t += PRED_LANES) {
+                const int32_t *roots = p->roots + t, *groups = p->groups + t;
+                for (int64_t r = 0; r < n_rows; r++) {
+                    const float *xr = x + r * F;
+                    int32_t i[PRED_LANES];
+                    for (int k = 0; k < PRED_LANES; k++) i[k] = roots[k];
+                    for (;;) {
+                        int live = 0;
+                        for (int k = 0; k < PRED_LANES; k++) {
+                            const PNode *n = &nodes[i[k]];
+                            if (n->left >= 0) {
+                                i[k] = pred_next(p, n, xr[n->feat]);
+                                live = 1;
+                            }
+                        }
+                        if (!live) break;
+                    }
+                    float *a = acc + r * 8;
+                    for (int k = 0; k < PRED_LANES; k++) a[groups[k]] += nodes[i[k]].value;
+                }
+            }
+        }
+        for (; t < p->n_trees; t++) {
+            const int g = p->groups[t] - g0;
+            if (g < 0 || g >= ng) continue;
+            const int32_t root = p->roots[t];
+            for (int64_t r = 0; r < n_rows; r++) {
+                const float *xr = x + r * F;
+                int32_t i = root;
+                while (nodes[i].left >= 0) i = pred_next(p, &nodes[i], xr[nodes[i].feat]);
+                acc[r * 8 + g] += nodes[i].value;
+            }
+        }
+        for (int64_t r = 0; r < n_rows; r++)
+            for (int g = 0; g < ng; g++) out[r * G + g0 + g] = (double)acc[r * 8 + g];
+    }
+}
+
+/* predict(capsule, x f32 (rows, features) C-contiguous, out f64 (rows, groups)) -> None.
+ * Raises TypeError when x is not a C-contiguous float32 matrix of the model's width. */
+static PyObject *py_predict(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "predict(model, x, out) takes 3 arguments");
+        return NULL;
+    }
+    Predictor *p = (Predictor *)PyCapsule_GetPointer(args[0], PRED_CAPSULE_NAME);
+    if (!p) return NULL;
+    Py_buffer xb, ob;
+    if (PyObject_GetBuffer(args[1], &xb, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
+    if (PyObject_GetBuffer(args[2], &ob, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) <
+        0) {
+        PyBuffer_Release(&xb);
+        return NULL;
+    }
+    PyObject *ret = NULL;
+    const int F = p->n_features, G = p->n_groups;
+    if (xb.ndim != 2 || xb.itemsize != 4 || !xb.format || strcmp(xb.format, "f") != 0 ||
+        xb.shape[1] != F) {
+        PyErr_SetString(PyExc_TypeError, "x must be a C-contiguous float32 (rows, features)");
+        goto done;
+    }
+    const int64_t n_rows = xb.shape[0];
+    if (ob.ndim != 2 || ob.itemsize != 8 || !ob.format || strcmp(ob.format, "d") != 0 ||
+        ob.shape[0] != n_rows || ob.shape[1] != G) {
+        PyErr_SetString(PyExc_ValueError, "out must be a C-contiguous float64 (rows, outputs)");
+        goto done;
+    }
+    {
+        const float *x = xb.buf;
+        double *out = ob.buf;
+        /* releasing the GIL costs more than scoring a handful of rows */
+        const int release = n_rows * (int64_t)p->n_trees >= 16384;
+        PyThreadState *ts = release ? PyEval_SaveThread() : NULL;
+        for (int64_t r0 = 0; r0 < n_rows; r0 += PRED_BLOCK) {
+            int64_t nr = n_rows - r0 < PRED_BLOCK ? n_rows - r0 : PRED_BLOCK;
+            predict_block(p, x + r0 * F, nr, out + r0 * G);
+        }
+        if (ts) PyEval_RestoreThread(ts);
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+done:
+    PyBuffer_Release(&xb);
+    PyBuffer_Release(&ob);
+    return ret;
+}
+
+/* predictor_base(capsule) -> the intercept per group in margin space (float32 values) */
+static PyObject *py_predictor_base(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap;
+    if (!PyArg_ParseTuple(args, "O", &cap)) return NULL;
+    Predictor *p = (Predictor *)PyCapsule_GetPointer(cap, PRED_CAPSULE_NAME);
+    if (!p) return NULL;
+    PyObject *lst = PyList_New(p->n_groups);
+    if (!lst) return NULL;
+    for (int g = 0; g < p->n_groups; g++) {
+        PyObject *v = PyFloat_FromDouble((double)p->base[g]);
+        if (!v) {
+            Py_DECREF(lst);
+            return NULL;
+        }
+        PyList_SET_ITEM(lst, g, v);
+    }
+    return lst;
+}
+
 static PyMethodDef methods[] = {
     {"build", py_build, METH_VARARGS, "Parse flat tree arrays and precompute the tables."},
     {"shap", py_shap, METH_VARARGS, "Accumulate SHAP values of a float32 batch into out."},
     {"info", py_info, METH_VARARGS, "Sizes and memory of a built model."},
     {"bias", py_bias, METH_VARARGS, "Expected value per output group."},
+    {"predictor", py_predictor, METH_VARARGS, "Build the exact margin predictor."},
+    {"predict", (PyCFunction)(void (*)(void))py_predict, METH_FASTCALL,
+     "Raw margins of a float32 batch, bit-identical to xgboost's, into a float64 out."},
+    {"predictor_base", py_predictor_base, METH_VARARGS, "Intercept per group (margin space)."},
     {NULL, NULL, 0, NULL},
 };
 
