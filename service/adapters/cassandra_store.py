@@ -29,6 +29,7 @@ from cassandra.cluster import (
 # Explicit, so a missing libev fails loudly instead of falling back: the asyncore reactor
 # warns on import (deprecated module), and the asyncio reactor is marked experimental and calls
 # `asyncio.set_event_loop` on whichever thread opens the first connection.
+from cassandra.concurrent import execute_concurrent
 from cassandra.io.libevreactor import LibevConnection
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import (
@@ -423,33 +424,26 @@ class CassandraStore:
         """Upsert each record into both tables, `write_concurrency` statements in flight at most.
 
         Raises the first failure (a timeout included: the write may or may not have landed,
-        and the caller redelivers) once the requests already sent have finished.
+        and the caller redelivers; every statement is an idempotent upsert).
         """
         statements = await self._prepared()
-        # Encode everything first, so a bad record fails the batch before anything is sent.
-        encoded = [to_columns(record) for record in records]
         now_ms = int(time.time() * 1000)
-        loop = asyncio.get_running_loop()
-        in_flight: set[asyncio.Future[Any]] = set()
-        error: BaseException | None = None
-        # Bound (and routed) up front too: a key the driver cannot encode fails the batch
-        # before anything is sent.
+        # Encoded and bound (routing key included) up front: a record the driver cannot
+        # encode fails the batch before anything is sent.
         writes = [
-            write
-            for columns in encoded
+            (write, None)
+            for columns in map(to_columns, records)
             for write in self._record_writes(statements, columns, self._record_ttl(columns, now_ms))
         ]
-        for write in writes:
-            if len(in_flight) >= self._settings.write_concurrency:
-                error = await _wait(in_flight, asyncio.FIRST_COMPLETED)
-                if error is not None:
-                    break
-            in_flight.add(bridge(self._session.execute_async(write), loop))
-        if in_flight:
-            late = await _wait(in_flight, asyncio.ALL_COMPLETED)
-            error = late if error is None else error
-        if error is not None:
-            raise error
+        # The driver's own concurrent executor, on one thread for the whole batch: bridging
+        # each response to the event loop would wake it twice per record.
+        await asyncio.to_thread(
+            execute_concurrent,
+            self._session,
+            writes,
+            concurrency=self._settings.write_concurrency,
+            raise_on_first_error=True,
+        )
 
     async def get(self, transaction_id: str) -> DecisionRecord | None:
         statements = await self._prepared()
@@ -597,11 +591,3 @@ class CassandraStore:
             response = self._session.execute_async(statement, values, timeout=driver_timeout_s)
         rows: list[dict[str, Any]] | None = await bridge(response, loop)
         return rows or []
-
-
-async def _wait(in_flight: "set[asyncio.Future[Any]]", return_when: str) -> BaseException | None:
-    """Wait on part of `in_flight`, remove what finished, and return its first error."""
-    done, _ = await asyncio.wait(in_flight, return_when=return_when)
-    in_flight.difference_update(done)
-    errors = [future.exception() for future in done]
-    return next((error for error in errors if error is not None), None)
