@@ -1,5 +1,6 @@
 """The FastAPI application factory."""
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -26,6 +27,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, object]]:
         async with open_resources(settings, app_metrics) as state:
+            # Everything loaded so far (models, clients, modules) lives as long as the process:
+            # kept out of the collector, a full collection no longer walks it mid-request.
+            gc.freeze()
             yield {STATE_KEY: state}
 
     app = FastAPI(
