@@ -150,9 +150,8 @@ def _report(
 
     lost = len(set(txns)) - len(freshness)
     duplicated = int(written) - len(freshness)
-    print(
-        f"\nend to end, {args.workers} worker(s), target {args.rate:.0f}/s for {args.seconds:.0f} s"
-    )
+    workers = f"{args.workers} worker(s) at nice {args.worker_nice}"
+    print(f"\nend to end, {workers}, target {args.rate:.0f}/s for {args.seconds:.0f} s")
     print(f"gateway: {result.summary()}")
     print(f"rate reached: {result.rate:.0f} decisions/s")
     p50, p99 = result.percentile_ms(0.5), result.percentile_ms(0.99)
