@@ -20,7 +20,7 @@ import orjson
 
 from bench.gateway import bodies, feature_rows
 from bench.loadgen import Result, open_loop
-from bench.procs import ROOT, SHAPSTREAM, free_port, running, wait_http
+from bench.procs import ROOT, SHAPSTREAM, create_key, free_port, running, wait_http
 from service.adapters.cassandra_store import CassandraStore
 from service.settings import CassandraSettings, Settings
 
@@ -94,6 +94,7 @@ def main() -> None:
     out = ROOT / "bench" / "out"
     with running([SHAPSTREAM, "serve", "--port", str(port)], env, out / "e2e-gateway.log"):
         wait_http(port, "/readyz")
+        auth = {"Authorization": f"Bearer {create_key(env, f'bench-e2e-{run}')}"}
         with contextlib.ExitStack() as workers:
             for i, p in enumerate(metric_ports):
                 command = ["nice", "-n", str(args.worker_nice), SHAPSTREAM, "worker"]
@@ -114,6 +115,7 @@ def main() -> None:
                         seconds,
                         keep_bodies=True,
                         progress=_say,
+                        headers=auth,
                     )
                 )
                 measured = [orjson.loads(b)["transaction_id"] for b in result.bodies]

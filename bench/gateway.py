@@ -14,7 +14,7 @@ import uuid
 import orjson
 
 from bench.loadgen import Result, closed_loop, median
-from bench.procs import ROOT, SHAPSTREAM, free_port, running, wait_http
+from bench.procs import ROOT, SHAPSTREAM, create_key, free_port, running, wait_http
 
 MODEL_DIR = ROOT / "models" / "german-credit"
 DATA = ROOT / "data" / "german_credit.csv"
@@ -43,7 +43,13 @@ def bodies(rows: list[dict[str, object]]) -> list[bytes]:
     return [orjson.dumps({"features": r}) for r in rows]
 
 
-def run_round(port: int, payloads: list[bytes], concurrency: int, seconds: float) -> Result:
+def run_round(
+    port: int,
+    payloads: list[bytes],
+    concurrency: int,
+    seconds: float,
+    headers: dict[str, str] | None = None,
+) -> Result:
     rng = random.Random(0)
     return asyncio.run(
         closed_loop(
@@ -53,6 +59,7 @@ def run_round(port: int, payloads: list[bytes], concurrency: int, seconds: float
             lambda _: payloads[rng.randrange(len(payloads))],
             concurrency,
             seconds,
+            headers,
         )
     )
 
@@ -82,13 +89,17 @@ def main() -> None:
     ):
         wait_http(gw_port, "/readyz")
         wait_http(base_port)
+        # The gateway checks an API key on every request (a cached hash lookup after the
+        # first); the minimal app has no auth, so the ratio includes the cost of auth.
+        auth = {"Authorization": f"Bearer {create_key(env, f'bench-gateway-{run_id}')}"}
+        headers = {"shapstream": auth, "minimal": {}}
         # Warm both (JIT-free Python, but connection pools and caches fill on first use).
-        run_round(gw_port, payloads, args.concurrency, 2)
+        run_round(gw_port, payloads, args.concurrency, 2, auth)
         run_round(base_port, payloads, args.concurrency, 2)
         results: dict[str, list[Result]] = {"shapstream": [], "minimal": []}
         for i in range(args.rounds):
             for name, port in (("shapstream", gw_port), ("minimal", base_port)):
-                result = run_round(port, payloads, args.concurrency, args.seconds)
+                result = run_round(port, payloads, args.concurrency, args.seconds, headers[name])
                 results[name].append(result)
                 print(f"round {i + 1}/{args.rounds} {name:10s} {result.summary()}", flush=True)
     report(results, args.concurrency)

@@ -3,7 +3,7 @@
 import asyncio
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 Body = Callable[[int], bytes]
@@ -38,12 +38,18 @@ class Result:
         )
 
 
+def header_lines(headers: Mapping[str, str] | None) -> bytes:
+    """Extra request headers (e.g. Authorization), encoded once for every request."""
+    return "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items()).encode()
+
+
 class Connection:
     """One keep-alive connection; requests on it are sequential."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, extra_headers: bytes = b"") -> None:
         self.host = host
         self.port = port
+        self._extra = extra_headers
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -53,9 +59,9 @@ class Connection:
         assert self._reader is not None
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         ).encode()
-        self._writer.write(head + body)
+        self._writer.write(head + self._extra + b"\r\n" + body)
         status_line = await self._reader.readline()
         status = int(status_line.split()[1])
         length = 0
@@ -72,7 +78,13 @@ class Connection:
 
 
 async def closed_loop(
-    host: str, port: int, path: str, body: Body, concurrency: int, seconds: float
+    host: str,
+    port: int,
+    path: str,
+    body: Body,
+    concurrency: int,
+    seconds: float,
+    headers: Mapping[str, str] | None = None,
 ) -> Result:
     """`concurrency` clients, each sending its next request as soon as the last is answered."""
     result = Result()
@@ -80,7 +92,7 @@ async def closed_loop(
     counter = iter(range(1 << 62))
 
     async def client() -> None:
-        conn = Connection(host, port)
+        conn = Connection(host, port, header_lines(headers))
         try:
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
@@ -106,13 +118,14 @@ async def open_loop(
     connections: int = 64,
     keep_bodies: bool = False,
     progress: Callable[[str], None] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> Result:
     """Send at a fixed rate; latency counts from the scheduled time (no coordinated omission)."""
     result = Result()
     total = int(rate * seconds)
     pool: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(connections):
-        pool.put_nowait(Connection(host, port))
+        pool.put_nowait(Connection(host, port, header_lines(headers)))
     start = time.perf_counter()
 
     async def one(i: int, scheduled: float) -> None:

@@ -54,6 +54,19 @@ def running(
             stop(proc)
 
 
+def create_key(env: Mapping[str, str], name: str, scopes: str = "predict") -> str:
+    """A new key from `shapstream keys create`, in the store that `env` points at."""
+    done = subprocess.run(
+        [SHAPSTREAM, "keys", "create", "--name", name, "--scopes", scopes],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    return done.stdout.strip()
+
+
 def stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import explanations, health, models, predictions
+from service.api import access_log, audit, explanations, health, models, predictions
 from service.api.deps import STATE_KEY
 from service.api.middleware import BodyLimit, RequestMetrics
 from service.api.problems import install_problem_handlers
@@ -44,6 +44,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     install_problem_handlers(app)
     for router in (predictions.router, explanations.router, models.router, health.router):
         app.include_router(router)
+    app.include_router(access_log.router)
+    app.include_router(audit.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=app_metrics)
     return app

@@ -1,7 +1,8 @@
 """The service's error tree; one handler turns each into an RFC 9457 problem."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 PROBLEM_BASE = "https://shapstream.dev/problems/"
@@ -19,6 +20,8 @@ class ServiceError(Exception):
     status: ClassVar[int] = 500
     slug: ClassVar[str] = "internal"
     title: ClassVar[str] = "Internal error"
+    # Response headers the client needs to act on the error (e.g. WWW-Authenticate).
+    headers: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     def __init__(
         self,
@@ -46,6 +49,22 @@ class NotFound(ServiceError):
 
 class Conflict(ServiceError):
     status, slug, title = 409, "conflict", "Conflict"
+
+
+class Unauthorized(ServiceError):
+    """No usable credential; the client may retry with a valid API key."""
+
+    status, slug, title = 401, "unauthorized", "Unauthorized"
+    # RFC 6750 section 3: a 401 names the scheme the client should use.
+    headers: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {"WWW-Authenticate": 'Bearer realm="shapstream"'}
+    )
+
+
+class Forbidden(ServiceError):
+    """A valid key without the scope the route needs."""
+
+    status, slug, title = 403, "forbidden", "Forbidden"
 
 
 class Unavailable(ServiceError):

@@ -1,8 +1,10 @@
 """The two seams of the system: the event bus and the explanation store."""
 
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
+from datetime import datetime
 from typing import Protocol
 
+from service.core.access import AccessEntry, ApiKey
 from service.core.records import Claim, DecisionEvent, DecisionRecord, ModelArtifact
 
 
@@ -60,6 +62,46 @@ class ExplanationStore(Protocol):
 
     async def get(self, transaction_id: str) -> DecisionRecord | None: ...
 
+    async def model_versions(self) -> list[str]:
+        """Every model version ever stored with `put_model`, sorted."""
+        ...
+
+    def scan(
+        self, model_version: str, start: datetime, end: datetime
+    ) -> AsyncGenerator[DecisionRecord, None]:
+        """Records of `model_version` decided in [start, end), in constant memory.
+
+        The order is deterministic but not global time order (Cassandra reads its time
+        buckets one after the other); close the iterator (`contextlib.aclosing`) to stop early.
+        """
+        ...
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class AccessStore(Protocol):
+    """API keys (by hash) and the access log; shares the explanation store's connection."""
+
+    async def migrate(self) -> None:
+        """Create the tables if they are missing; safe to run any number of times."""
+        ...
+
+    async def put_key(self, key: ApiKey) -> None: ...
+
+    async def get_key(self, key_hash: str) -> ApiKey | None: ...
+
+    async def delete_key(self, key_hash: str) -> None: ...
+
+    async def keys(self) -> list[ApiKey]:
+        """Every stored key (for `shapstream keys list`), oldest first."""
+        ...
+
+    async def record(self, entry: AccessEntry) -> None:
+        """Append to the access log; raise if it was not stored (the read must not proceed)."""
+        ...
+
+    async def entries(self, start: datetime, end: datetime, limit: int) -> list[AccessEntry]:
+        """Entries with `start <= at < end`, oldest first, at most `limit`."""
+        ...

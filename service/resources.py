@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from service.api.deps import AppState
+from service.core.keys import DevKey, KeyVerifier, ensure_dev_key
 from service.core.registry import ModelRegistry
 from service.metrics import Metrics
-from service.ports import EventBus, ExplanationStore
+from service.ports import AccessStore, EventBus, ExplanationStore
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -20,35 +21,40 @@ async def open_resources(settings: Settings, metrics: Metrics) -> AsyncIterator[
     registry = ModelRegistry.from_settings(settings)
     async with AsyncExitStack() as stack:
         if settings.mode == "kafka":
-            bus, store = await _open_kafka_mode(settings, metrics, stack)
+            bus, store, access = await _open_kafka_mode(settings, metrics, stack)
         else:
-            bus, store = await _open_embedded_mode(settings, metrics, registry, stack)
+            bus, store, access = await _open_embedded_mode(settings, metrics, registry, stack)
         for model in registry.models():
             # Workers load the exact version an event names from here, on any machine.
             await store.put_model(model.artifact())
             log.info("serving %s version %s", model.name, model.version)
-        yield AppState(settings, registry, bus, store, metrics)
+        keys = KeyVerifier(access, settings.security.key_cache_s)
+        yield AppState(settings, registry, bus, store, metrics, access, keys)
 
 
 async def _open_kafka_mode(
     settings: Settings, metrics: Metrics, stack: AsyncExitStack
-) -> tuple[EventBus, ExplanationStore]:
+) -> tuple[EventBus, ExplanationStore, AccessStore]:
+    from service.adapters.cassandra_access import CassandraAccessStore
     from service.adapters.cassandra_store import CassandraStore
     from service.adapters.kafka_bus import KafkaBus, ensure_topics
 
     store = await CassandraStore.from_settings(settings)
     stack.push_async_callback(store.close)
     await store.migrate()
+    access = CassandraAccessStore(store)
+    await access.migrate()
     await ensure_topics(settings.kafka)
     bus = await KafkaBus.open(settings.kafka)
     stack.push_async_callback(bus.close)
-    return bus, store
+    return bus, store, access
 
 
 async def _open_embedded_mode(
     settings: Settings, metrics: Metrics, registry: ModelRegistry, stack: AsyncExitStack
-) -> tuple[EventBus, ExplanationStore]:
+) -> tuple[EventBus, ExplanationStore, AccessStore]:
     from service.adapters.local_bus import open_local_bus
+    from service.adapters.sqlite_access import SqliteAccessStore
     from service.adapters.sqlite_store import SqliteStore
     from workers.explainer import ExplainerWorker
 
@@ -56,6 +62,9 @@ async def _open_embedded_mode(
     store = await SqliteStore.from_settings(settings)
     stack.push_async_callback(store.close)
     await store.migrate()
+    access = SqliteAccessStore(store)
+    await access.migrate()
+    announce_dev_key(await ensure_dev_key(access, settings.data_dir))
     bus = await open_local_bus(settings, metrics)
     stack.push_async_callback(bus.close)
     worker = ExplainerWorker(bus, store, registry, settings.worker, metrics)
@@ -67,4 +76,18 @@ async def _open_embedded_mode(
         await task
 
     stack.push_async_callback(stop_worker)
-    return bus, store
+    return bus, store, access
+
+
+def announce_dev_key(dev_key: DevKey) -> None:
+    """Show the development key on the console, once; later starts say where it is."""
+    # print, not log: log lines may be shipped and kept elsewhere, and a key never goes there.
+    # The console of the single-process demo is the one place its owner looks.
+    if dev_key.new_key is not None:
+        print(
+            f"Development API key (all scopes; shown once, kept in {dev_key.path}):\n"
+            f"  {dev_key.new_key}",
+            flush=True,
+        )
+    else:
+        print(f"Development API key in {dev_key.path}", flush=True)

@@ -1,14 +1,17 @@
 """All configuration, from environment variables prefixed SHAPSTREAM_."""
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from platformdirs import user_data_path
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Regulation B (12 CFR 1002.12) keeps credit records at least 25 months; default is 7 years.
 DEFAULT_RETENTION_DAYS = 7 * 365 + 2
+# 25 months in days, never short of 25 calendar months: 25 x 30.5 = 762.5, and no 25 months
+# run longer than 762 days (two years with a leap day, 731, plus a 31-day month).
+MIN_RETENTION_DAYS = 762
 
 
 def _default_data_dir() -> Path:
@@ -50,6 +53,12 @@ class WorkerSettings(BaseModel):
     model_cache: int = Field(default=8, ge=1)
 
 
+class SecuritySettings(BaseModel):
+    # How long a verified API key is trusted without asking the store again: a revoked key
+    # keeps working for at most this long in each gateway process (see service/core/keys.py).
+    key_cache_s: float = Field(default=30.0, ge=0)
+
+
 class Settings(BaseSettings):
     """One settings object per process, built in `main()` or `create_app()`, never at import."""
 
@@ -65,7 +74,20 @@ class Settings(BaseSettings):
     default_model: str | None = None
     data_dir: Path = Field(default_factory=_default_data_dir)
     retention_days: int = Field(default=DEFAULT_RETENTION_DAYS, ge=1)
+    # Allows a retention below Regulation B's minimum (tests, non-credit models); never a default.
+    retention_override: bool = False
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     kafka: KafkaSettings = KafkaSettings()
     cassandra: CassandraSettings = CassandraSettings()
     worker: WorkerSettings = WorkerSettings()
+    security: SecuritySettings = SecuritySettings()
+
+    @model_validator(mode="after")
+    def _retention_meets_regulation_b(self) -> Self:
+        if self.retention_days < MIN_RETENTION_DAYS and not self.retention_override:
+            raise ValueError(
+                f"retention_days={self.retention_days} is below Regulation B's minimum of "
+                f"{MIN_RETENTION_DAYS} days (25 months, 12 CFR 1002.12(b)); raise it, or set "
+                "retention_override=true (SHAPSTREAM_RETENTION_OVERRIDE) to keep records shorter"
+            )
+        return self

@@ -1,7 +1,10 @@
 """Helpers for driving the API: German credit rows as requests, problem checks, ASGI client."""
 
 import csv
-from collections.abc import AsyncIterator
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 GERMAN_CREDIT = ROOT / "data" / "german_credit.csv"
 MODELS = ROOT / "models"
 PROBLEM = "application/problem+json"
+# service.core.keys.DEV_KEY_FILE, spelled out: a test that reads it checks the documented path.
+DEV_KEY_FILE = "dev-api-key"
+# The console script installed next to this interpreter, as a user would run it.
+SHAPSTREAM = str(Path(sys.executable).with_name("shapstream"))
 
 
 def german_rows(limit: int | None = None) -> list[dict[str, Any]]:
@@ -34,6 +41,29 @@ def problem_fields(response: httpx.Response) -> set[str]:
     assert body["status"] == response.status_code
     assert body["type"].startswith("https://")
     return {e["field"] for e in body.get("errors", [])}
+
+
+def dev_key(data_dir: Path) -> str:
+    """The development key the embedded mode wrote at its first start."""
+    return (data_dir / DEV_KEY_FILE).read_text().strip()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def create_key(name: str, scopes: str, env: Mapping[str, str] | None = None) -> str:
+    """A new key from `shapstream keys create`, run as a real subprocess (stdout is the key)."""
+    done = subprocess.run(
+        [SHAPSTREAM, "keys", "create", "--name", name, "--scopes", scopes],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
 
 
 @asynccontextmanager

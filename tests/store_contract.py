@@ -9,6 +9,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -16,6 +17,7 @@ import orjson
 import pytest
 
 from service.adapters.record_codec import ModelConflictError
+from service.core.integrity import sealed, verify_record
 from service.core.records import (
     BinaryPrediction,
     Claim,
@@ -25,6 +27,7 @@ from service.core.records import (
     ModelArtifact,
     ModelRef,
     MulticlassPrediction,
+    Reason,
     RegressionPrediction,
 )
 from service.core.schema import DecisionRule, Feature, FeatureType, ModelSchema, Task
@@ -113,15 +116,34 @@ def attributions(outputs: int, seed: int) -> list[list[float]]:
     return rows
 
 
+# What a denial carries: ranked reasons (summed float32 attributions) and the protected share.
+REASONS = [
+    Reason(
+        family="duration",
+        reason="Duration of credit is long",
+        contribution=0.6178790330886841,
+        features=["duration_in_month"],
+    ),
+    Reason(
+        family="amount",
+        reason="Credit amount is high",
+        contribution=0.21035364270210266,
+        features=["credit_amount", "installment_rate_in_percentage_of_disposable_income"],
+    ),
+]
+
+
 def _record(
     prediction: BinaryPrediction | RegressionPrediction | MulticlassPrediction,
     base_value: list[float],
     seed: int,
     transaction_id: str | None,
     decided_at: datetime | None,
+    reasons: list[Reason],
+    share: float | None,
 ) -> DecisionRecord:
     decided = decided_at or datetime.now(UTC) - timedelta(seconds=1)
-    return DecisionRecord(
+    record = DecisionRecord(
         transaction_id=transaction_id or new_id(),
         model=ModelRef(
             name=f"german-credit-{prediction.task}",
@@ -135,19 +157,25 @@ def _record(
         engine="pred_contribs",
         decided_at=decided,
         explained_at=decided + timedelta(milliseconds=41, microseconds=517),
+        reasons=reasons,
+        protected_share=share,
+        record_hash="",
     )
+    return sealed(record)
 
 
 def binary_record(
     seed: int = 1, transaction_id: str | None = None, decided_at: datetime | None = None
 ) -> DecisionRecord:
     prediction = BinaryPrediction(probability=0.7310585786300049, margin=1.0, decision="deny")
-    return _record(prediction, [-0.8472978603872037], seed, transaction_id, decided_at)
+    base_value = [-0.8472978603872037]
+    return _record(prediction, base_value, seed, transaction_id, decided_at, REASONS, 0.0817)
 
 
 def regression_record(seed: int = 2) -> DecisionRecord:
     prediction = RegressionPrediction(value=4211.613, margin=4211.613)
-    return _record(prediction, [3271.26], seed, None, None)
+    # A schema marking no protected feature has no share.
+    return _record(prediction, [3271.26], seed, None, None, [], None)
 
 
 def multiclass_record(seed: int = 3) -> DecisionRecord:
@@ -158,7 +186,7 @@ def multiclass_record(seed: int = 3) -> DecisionRecord:
             "margins": {"low": -0.35, "medium": 0.65, "high": -0.3495},
         }
     )
-    return _record(prediction, [-0.0986, 0.1132, -0.0146], seed, None, None)
+    return _record(prediction, [-0.0986, 0.1132, -0.0146], seed, None, None, [], 0.0)
 
 
 def claim_for(transaction_id: str, request_hash: str) -> Claim:
@@ -201,6 +229,12 @@ def model_artifact(version: str) -> ModelArtifact:
     )
 
 
+def with_version(record: DecisionRecord, version: str) -> DecisionRecord:
+    """`record` as decided by another model version, sealed again."""
+    model = record.model.model_copy(update={"version": version})
+    return sealed(record.model_copy(update={"model": model}))
+
+
 async def wait_until(condition: Callable[[], Awaitable[bool]], what: str) -> float:
     """Poll `condition` until it holds; the seconds it took."""
     started = time.monotonic()
@@ -235,7 +269,10 @@ class StoreContract:
     ) -> None:
         record = make()
         await store.write([record])
-        assert await store.get(record.transaction_id) == stored(record)
+        read = await store.get(record.transaction_id)
+        assert read == stored(record)
+        assert read.record_hash == record.record_hash
+        assert verify_record(read)
 
     async def test_missing_transaction_is_none(self, store: ExplanationStore) -> None:
         assert await store.get(new_id()) is None
@@ -328,3 +365,50 @@ class StoreContract:
         print(f"{type(store).__name__}: {LARGE_BATCH} records in {elapsed:.3f} s")
         for record in batch[:: LARGE_BATCH // 20]:
             assert await store.get(record.transaction_id) == stored(record)
+
+    async def test_scan_reads_a_time_range_of_one_version(self, store: ExplanationStore) -> None:
+        version = f"sha256:{uuid.uuid4().hex}"
+        midnight = datetime(2026, 3, 2, tzinfo=UTC)
+        start, end = midnight - timedelta(hours=1), midnight + timedelta(days=1)
+        one_ms = timedelta(milliseconds=1)
+        inside = [start, midnight - one_ms, midnight, end - one_ms] + [
+            midnight + timedelta(minutes=37 * n, microseconds=n) for n in range(12)
+        ]
+        records = [binary_record(n, decided_at=at) for n, at in enumerate(inside)]
+        records.append(multiclass_record().model_copy(update={"decided_at": midnight}))
+        expected = [with_version(record, version) for record in records]
+        outside = [
+            with_version(binary_record(decided_at=start - one_ms), version),
+            with_version(binary_record(decided_at=end), version),
+            binary_record(decided_at=midnight),  # another version
+        ]
+        await store.write(expected + outside)
+
+        found = [record async for record in store.scan(version, start, end)]
+        by_id = {record.transaction_id: record for record in found}
+        assert len(by_id) == len(found) == len(expected)
+        assert by_id == {record.transaction_id: stored(record) for record in expected}
+        assert all(verify_record(record) for record in found)
+        # Day by day, the same order every time (within a day Cassandra goes bucket by bucket).
+        days = [record.decided_at.date() for record in found]
+        assert days == sorted(days)
+        assert found == [record async for record in store.scan(version, start, end)]
+        empty = store.scan(version, end + one_ms, end + timedelta(days=3))
+        assert [record async for record in empty] == []
+
+    async def test_a_scan_can_stop_early(self, store: ExplanationStore) -> None:
+        version = f"sha256:{uuid.uuid4().hex}"
+        decided = datetime(2026, 3, 2, 12, tzinfo=UTC)
+        records = [with_version(binary_record(n, decided_at=decided), version) for n in range(5)]
+        await store.write(records)
+        async with aclosing(store.scan(version, decided, decided + timedelta(days=1))) as scan:
+            first = await anext(scan)
+        assert await store.get(first.transaction_id) == first
+
+    async def test_model_versions_lists_every_stored_version(self, store: ExplanationStore) -> None:
+        versions = [f"sha256:{uuid.uuid4().hex}" for _ in range(3)]
+        for version in versions:
+            await store.put_model(model_artifact(version))
+        listed = await store.model_versions()
+        assert set(versions) <= set(listed)
+        assert listed == sorted(listed)

@@ -5,6 +5,8 @@
   values are rounded to the nearest float32 (relative error below 6e-8).
 - `base_value`: little-endian float64; a few bytes, and the additivity check leans on it.
 - `inputs` and `prediction`: orjson, the same JSON the event carries.
+- `reasons`: orjson, a list of {family, reason, contribution, features} in rank order.
+- `protected_share` (a double, or null) and `record_hash` (hex text) as they are.
 - Timestamps: whole milliseconds since the epoch, UTC, because that is what a Cassandra
   `timestamp` holds; sub-millisecond digits are dropped on write so a round trip is equal.
 """
@@ -97,6 +99,9 @@ class RecordColumns:
     engine: str
     decided_at_ms: int
     explained_at_ms: int
+    reasons: bytes
+    protected_share: float | None
+    record_hash: str
 
 
 def to_columns(record: DecisionRecord) -> RecordColumns:
@@ -113,6 +118,9 @@ def to_columns(record: DecisionRecord) -> RecordColumns:
         engine=record.engine,
         decided_at_ms=to_epoch_ms(record.decided_at),
         explained_at_ms=to_epoch_ms(record.explained_at),
+        reasons=orjson.dumps([reason.model_dump(mode="json") for reason in record.reasons]),
+        protected_share=record.protected_share,
+        record_hash=record.record_hash,
     )
 
 
@@ -130,5 +138,8 @@ def from_columns(columns: RecordColumns) -> DecisionRecord:
             "engine": columns.engine,
             "decided_at": from_epoch_ms(columns.decided_at_ms),
             "explained_at": from_epoch_ms(columns.explained_at_ms),
+            "reasons": orjson.loads(columns.reasons),
+            "protected_share": columns.protected_share,
+            "record_hash": columns.record_hash,
         }
     )

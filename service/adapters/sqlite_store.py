@@ -8,10 +8,10 @@ same-thread rule holds and the event loop never waits on the disk. Retention is 
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -22,6 +22,7 @@ from service.adapters.record_codec import (
     RecordColumns,
     from_columns,
     to_columns,
+    to_epoch_ms,
 )
 from service.core.records import Claim, DecisionRecord, ModelArtifact
 from service.core.schema import ModelSchema
@@ -44,7 +45,8 @@ CREATE TABLE IF NOT EXISTS models (
 )"""
 
 # One table does here what decisions_by_txn and decisions_by_day do in Cassandra: the index
-# serves the scan by model version and time.
+# serves the scan by model version and time. Pre-release: columns are added here, with no
+# ALTER path for older files (delete the demo database after an upgrade).
 CREATE_DECISIONS = """
 CREATE TABLE IF NOT EXISTS decisions (
     txn_id TEXT PRIMARY KEY,
@@ -59,6 +61,9 @@ CREATE TABLE IF NOT EXISTS decisions (
     engine TEXT NOT NULL,
     decided_at_ms INTEGER NOT NULL,
     explained_at_ms INTEGER NOT NULL,
+    reasons BLOB NOT NULL,
+    protected_share REAL,
+    record_hash TEXT NOT NULL,
     expires_at_ms INTEGER NOT NULL
 )"""
 
@@ -81,12 +86,15 @@ SCHEMA = (CREATE_MODELS, CREATE_DECISIONS, CREATE_DECISIONS_BY_TIME, CREATE_TRAN
 UPSERT_DECISION = """
 INSERT OR REPLACE INTO decisions (
     txn_id, model_name, model_version, inputs, prediction, decision, base_value, attributions,
-    additivity_error, engine, decided_at_ms, explained_at_ms, expires_at_ms
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    additivity_error, engine, decided_at_ms, explained_at_ms, reasons, protected_share,
+    record_hash, expires_at_ms
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
+# Columns in `RecordColumns` order.
 SELECT_DECISION = """
 SELECT txn_id, model_name, model_version, inputs, prediction, decision, base_value, attributions,
-       additivity_error, engine, decided_at_ms, explained_at_ms
+       additivity_error, engine, decided_at_ms, explained_at_ms, reasons, protected_share,
+       record_hash
 FROM decisions WHERE txn_id = ? AND expires_at_ms > ?"""
 
 # An expired claim no longer holds its id, as in Cassandra once the TTL has passed.
@@ -111,6 +119,21 @@ INSERT OR IGNORE INTO models (
 
 SELECT_MODEL = "SELECT name, schema_json, model_json FROM models WHERE model_version = ?"
 
+SELECT_MODEL_VERSIONS = "SELECT model_version FROM models ORDER BY model_version"
+
+# Columns in `RecordColumns` order. The (model_version, decided_at_ms) index gives the time
+# order; only rows sharing a millisecond are sorted by txn_id on the side.
+SCAN_DECISIONS = """
+SELECT txn_id, model_name, model_version, inputs, prediction, decision, base_value, attributions,
+       additivity_error, engine, decided_at_ms, explained_at_ms, reasons, protected_share,
+       record_hash
+FROM decisions
+WHERE model_version = ? AND decided_at_ms >= ? AND decided_at_ms < ? AND expires_at_ms > ?
+ORDER BY decided_at_ms, txn_id"""
+
+# Rows fetched from a scan's cursor at a time: memory stays flat however long the range.
+SCAN_CHUNK_ROWS = 500
+
 
 def retention_ms(retention: timedelta) -> int:
     milliseconds = retention // timedelta(milliseconds=1)
@@ -121,6 +144,20 @@ def retention_ms(retention: timedelta) -> int:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _database_file(connection: sqlite3.Connection) -> str:
+    rows: list[tuple[int, str, str]] = connection.execute("PRAGMA database_list").fetchall()
+    return next(file for _, name, file in rows if name == "main")
+
+
+def _open_reader(path: str) -> sqlite3.Connection:
+    """A read-only connection of its own: in WAL mode its one SELECT reads a fixed snapshot
+    while the store's connection keeps writing."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    connection.execute("PRAGMA query_only = ON")
+    return connection
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -160,6 +197,9 @@ def _decision_row(columns: RecordColumns, expires_at_ms: int) -> tuple[Any, ...]
         columns.engine,
         columns.decided_at_ms,
         columns.explained_at_ms,
+        columns.reasons,
+        columns.protected_share,
+        columns.record_hash,
         expires_at_ms,
     )
 
@@ -225,12 +265,50 @@ class SqliteStore:
         row = await self._run(self._fetch_one, SELECT_DECISION, (transaction_id, _now_ms()))
         return None if row is None else from_columns(RecordColumns(*row))
 
+    async def model_versions(self) -> list[str]:
+        rows = await self._run(self._fetch_all, SELECT_MODEL_VERSIONS, ())
+        return [version for (version,) in rows]
+
+    async def scan(
+        self, model_version: str, start: datetime, end: datetime
+    ) -> AsyncGenerator[DecisionRecord, None]:
+        """Records of `model_version` decided in [start, end), by (decided_at, txn_id).
+
+        One query on a reader connection and thread of its own, fetched in chunks: a long
+        export neither holds the writer's thread nor sees rows written after it began.
+        """
+        parameters = (model_version, to_epoch_ms(start), to_epoch_ms(end), _now_ms())
+        path = await self._run(_database_file, self._connection)
+        loop = asyncio.get_running_loop()
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-scan")
+        try:
+            connection = await loop.run_in_executor(reader, _open_reader, path)
+            try:
+                cursor = await loop.run_in_executor(
+                    reader, connection.execute, SCAN_DECISIONS, parameters
+                )
+                while rows := await loop.run_in_executor(reader, cursor.fetchmany, SCAN_CHUNK_ROWS):
+                    for row in rows:
+                        yield from_columns(RecordColumns(*row))
+            finally:
+                await loop.run_in_executor(reader, connection.close)
+        finally:
+            reader.shutdown(wait=False)
+
     async def ping(self) -> None:
         await self._run(self._fetch_one, "SELECT 1", ())
 
     async def close(self) -> None:
         await self._run(self._connection.close)
         self._executor.shutdown(wait=True)
+
+    async def run_with_connection(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `function` on this store's connection and thread (for the access store)."""
+        return await self._run(function, self._connection)
+
+    @property
+    def retention(self) -> timedelta:
+        return timedelta(milliseconds=self._retention_ms)
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -243,6 +321,10 @@ class SqliteStore:
     def _fetch_one(self, sql: str, parameters: tuple[Any, ...]) -> tuple[Any, ...] | None:
         row: tuple[Any, ...] | None = self._connection.execute(sql, parameters).fetchone()
         return row
+
+    def _fetch_all(self, sql: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = self._connection.execute(sql, parameters).fetchall()
+        return rows
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
         with _transaction(self._connection):

@@ -5,9 +5,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.core.keys import KeyVerifier
 from service.core.registry import ModelRegistry
 from service.metrics import Metrics
-from service.ports import EventBus, ExplanationStore
+from service.ports import AccessStore, EventBus, ExplanationStore
 from service.settings import Settings
 
 STATE_KEY = "shapstream"
@@ -20,6 +21,8 @@ class AppState:
     bus: EventBus
     store: ExplanationStore
     metrics: Metrics
+    access: AccessStore
+    keys: KeyVerifier
 
 
 async def get_state(request: Request) -> AppState:

@@ -4,7 +4,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
+from service.api.auth import AUTH_RESPONSES, ExplanationReader, record_access
 from service.api.deps import State
+from service.core.access import Action
 from service.core.lookup import wait_for_record
 from service.core.views import ExplanationView, explanation_view
 from service.errors import NotFound
@@ -17,11 +19,12 @@ MAX_WAIT_S = 10.0
 @router.get(
     "/v1/explanations/{transaction_id}",
     response_model=ExplanationView,
-    responses={404: {"description": "unknown, or not explained yet"}},
+    responses={**AUTH_RESPONSES, 404: {"description": "unknown, or not explained yet"}},
 )
 async def get_explanation(
     transaction_id: Annotated[str, Path(min_length=1, max_length=128)],
     state: State,
+    caller: ExplanationReader,
     wait: Annotated[
         float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to wait for the explanation.")
     ] = 0.0,
@@ -30,5 +33,8 @@ async def get_explanation(
     record = await wait_for_record(state.store, transaction_id, wait)
     if record is None:
         raise NotFound(f"No explanation for transaction {transaction_id!r} (yet).")
+    # Only a read that discloses a record is logged, and before the answer leaves: if the log
+    # cannot be written, the read fails.
+    await record_access(state, caller, Action.EXPLANATION_READ, transaction_id)
     model = await state.registry.get_version(record.model.version, state.store.get_model)
     return explanation_view(record, model.schema)

@@ -3,6 +3,7 @@
 from fastapi import APIRouter
 from pydantic import BaseModel
 
+from service.api.auth import UNAUTHORIZED_RESPONSES, AnyCaller
 from service.api.deps import State
 from service.core.schema import ModelSchema
 
@@ -20,9 +21,11 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
-@router.get("/v1/models", response_model=ModelList)
-async def list_models(state: State) -> ModelList:
-    """Every served model with its active version and schema."""
+# Any valid key, whatever its scopes: the schemas are what every client builds requests from,
+# and they hold no decision data, but they are not for anonymous callers either.
+@router.get("/v1/models", response_model=ModelList, responses=UNAUTHORIZED_RESPONSES)
+async def list_models(state: State, _: AnyCaller) -> ModelList:
+    """Every served model with its active version and schema (any valid API key)."""
     default = state.registry.default_name
     return ModelList(
         models=[

@@ -6,7 +6,9 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from starlette.responses import Response
 
+from service.api.auth import AUTH_RESPONSES, require_scope
 from service.api.deps import State
+from service.core.access import Scope
 from service.core.decisions import Decider, DecisionResponse
 
 router = APIRouter(tags=["predictions"])
@@ -31,7 +33,9 @@ class PredictionRequest(BaseModel):
 @router.post(
     "/v1/predictions",
     response_model=DecisionResponse,
+    dependencies=[require_scope(Scope.PREDICT)],
     responses={
+        **AUTH_RESPONSES,
         409: {"description": "transaction_id reused for a different request"},
         422: {"description": "invalid features"},
         503: {"description": "the event bus did not acknowledge; retry with the same id"},

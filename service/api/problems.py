@@ -77,7 +77,9 @@ def _validation_problem(exc: RequestValidationError) -> Response:
 
 async def _on_service_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    return problem_response(exc.status, exc.slug, exc.title, exc.detail, exc.errors, exc.extra)
+    return problem_response(
+        exc.status, exc.slug, exc.title, exc.detail, exc.errors, exc.extra, exc.headers
+    )
 
 
 async def _on_validation_error(_: Request, exc: Exception) -> Response:

@@ -31,16 +31,18 @@ def migrate() -> None:
 
 async def _migrate(settings: Settings) -> tuple[list[str], list[str]]:
     """Run the migration; the store's tables it created, and those that were already there."""
-    from service.adapters.cassandra_store import TABLES, CassandraStore
+    from service.adapters import cassandra_access, cassandra_store
 
-    store = await CassandraStore.from_settings(settings)
+    tables = cassandra_store.TABLES + cassandra_access.TABLES
+    store = await cassandra_store.CassandraStore.from_settings(settings)
     try:
         before = await store.existing_tables()
         await store.migrate()
+        await cassandra_access.CassandraAccessStore(store).migrate()
         after = await store.existing_tables()
     finally:
         await store.close()
-    missing = sorted(set(TABLES) - after)
+    missing = sorted(set(tables) - after)
     if missing:
         raise RuntimeError(f"tables still missing after the migration: {', '.join(missing)}")
-    return [t for t in TABLES if t not in before], [t for t in TABLES if t in before]
+    return [t for t in tables if t not in before], [t for t in tables if t in before]

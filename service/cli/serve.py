@@ -1,9 +1,11 @@
 """`shapstream serve` (Kafka + Cassandra) and `shapstream run` (embedded, one process)."""
 
+import shlex
 from typing import Annotated
 
 import typer
 
+from service.core.keys import DEV_KEY_FILE
 from service.settings import Settings
 
 Host = Annotated[str, typer.Option(help="Interface to listen on.")]
@@ -17,6 +19,7 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
         f"shapstream gateway: Kafka {settings.kafka.bootstrap}, "
         f"Cassandra {settings.cassandra.hosts}, models {settings.models_dir}"
     )
+    typer.echo("  API keys: shapstream keys create --name NAME --scopes predict,explanations:read")
     _listen(settings, host, port)
 
 
@@ -26,6 +29,11 @@ def run(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     typer.echo(f"shapstream (embedded): state in {settings.data_dir}, models {settings.models_dir}")
     typer.echo(f"  API   http://{host}:{port}/v1/predictions")
     typer.echo(f"  docs  http://{host}:{port}/docs")
+    # The key itself is printed once, by the app when it creates it (service/resources.py).
+    key_file = shlex.quote(str(settings.data_dir / DEV_KEY_FILE))
+    typer.echo(
+        f'  key   curl -H "Authorization: Bearer $(cat {key_file})" http://{host}:{port}/v1/models'
+    )
     _listen(settings, host, port)
 
 

@@ -10,7 +10,14 @@ import xgboost as xgb
 from numpy.typing import NDArray
 
 from service.core.model_init import MODEL_FILE, write_model_dir
-from service.core.schema import DecisionRule, Feature, FeatureType, ModelSchema, Task
+from service.core.schema import (
+    DecisionRule,
+    Feature,
+    FeatureType,
+    ModelSchema,
+    ReasonFamily,
+    Task,
+)
 
 DEMO_NAME = "german-credit"
 TARGET = "creditability"
@@ -86,6 +93,51 @@ _DESCRIPTIONS: dict[str, str] = {
 # Protected under ECOA / Regulation B and the EU AI Act: reported, never a reason.
 PROTECTED = frozenset({"personal_status_and_sex", "age_in_years", "foreign_worker"})
 
+# Reason families and the text an adverse-action notice gives, worded after Regulation B's
+# sample notice (12 CFR 1002, appendix C) where one fits. A family only appears as a reason
+# when its features pushed toward denial, so a directional text ("is long") is used only for
+# features constrained to raise the risk as they grow; the others name the factor plainly.
+REASON_FAMILIES: dict[str, str] = {
+    "checking": "Status of checking account",
+    "duration": "Duration of credit is long",
+    "history": "Credit history",
+    "purpose": "Purpose of credit",
+    "amount": "Credit amount is high",
+    "savings": "Insufficient savings",
+    "employment": "Length or type of employment",
+    "payment_to_income": "Installment payments are high in relation to income",
+    "guarantors": "Co-applicant or guarantor status",
+    "residence": "Length of residence or housing status",
+    "collateral": "Value or type of collateral not sufficient",
+    "other_credit": "Other existing credit obligations",
+    "dependents": "Number of dependents",
+    "telephone": "Telephone listing",
+}
+
+FAMILY_OF: dict[str, str] = {
+    "status_of_existing_checking_account": "checking",
+    "duration_in_month": "duration",
+    "credit_history": "history",
+    "purpose": "purpose",
+    "credit_amount": "amount",
+    "savings_account_and_bonds": "savings",
+    # Tenure and kind of occupation both speak to the stability of income.
+    "present_employment_since": "employment",
+    "job": "employment",
+    # Already a payment-to-income ratio: Regulation B's "excessive obligations in relation
+    # to income", distinct from the size of the loan.
+    "installment_rate_in_percentage_of_disposable_income": "payment_to_income",
+    "other_debtors_or_guarantors": "guarantors",
+    "present_residence_since": "residence",
+    "housing": "residence",
+    "property": "collateral",
+    # Credit taken elsewhere and credits already held here are obligations besides this one.
+    "other_installment_plans": "other_credit",
+    "number_of_existing_credits_at_this_bank": "other_credit",
+    "number_of_people_being_liable_to_provide_maintenance_for": "dependents",
+    "telephone": "telephone",
+}
+
 # UCI's cost matrix for this data prices granting a bad risk at five times refusing a good
 # one, which puts the cost-optimal cut at 1/6 and denies about half of the applicants (a
 # lender's business choice, not a demo's); the demo denies when "bad" is the likelier outcome.
@@ -126,7 +178,7 @@ def auc(y: NDArray[np.int8], score: NDArray[np.floating]) -> float:
 
 
 def demo_schema(frame: pd.DataFrame, holdout_auc: float) -> ModelSchema:
-    """The demo model's schema: ranges, constraints and protected attributes."""
+    """The demo model's schema: ranges, constraints, reason families and protected attributes."""
     features = []
     for column in frame.columns:
         numeric = _NUMERIC.get(column)
@@ -137,6 +189,7 @@ def demo_schema(frame: pd.DataFrame, holdout_auc: float) -> ModelSchema:
                 categories=tuple(frame[column].cat.categories),
                 nullable=True,
                 description=_DESCRIPTIONS[column],
+                family=FAMILY_OF.get(column),
                 protected=column in PROTECTED,
             )
         else:
@@ -147,6 +200,7 @@ def demo_schema(frame: pd.DataFrame, holdout_auc: float) -> ModelSchema:
                 maximum=numeric.maximum,
                 monotone=numeric.monotone,
                 description=numeric.description,
+                family=FAMILY_OF.get(column),
                 protected=column in PROTECTED,
             )
         features.append(feature)
@@ -163,6 +217,7 @@ def demo_schema(frame: pd.DataFrame, holdout_auc: float) -> ModelSchema:
             "German Credit Data (UCI id 144, Hans Hofmann, University of Hamburg, CC BY 4.0); "
             f"held-out AUC {holdout_auc:.3f} on {HOLDOUT_FRACTION:.0%} of the applicants."
         ),
+        families=tuple(ReasonFamily(name=n, reason=r) for n, r in REASON_FAMILIES.items()),
     )
 
 

@@ -8,8 +8,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.core.engine.base import Engine
+from service.core.integrity import sealed, stored_attributions
+from service.core.reasons import decision_reasons, protected_share
 from service.core.records import DecisionEvent, DecisionRecord, MulticlassPrediction
 from service.core.registry import LoadedModel
+from service.core.schema import ModelSchema
 
 # The worst additivity error accepted, relative to max(1, |served margin|): float32 sums of
 # a few hundred trees stay near 1e-6, so anything this large means the event was not
@@ -81,7 +84,9 @@ def explain_batch(
         error = float(additivity[row])
         tolerance = max_additivity_error * max(1.0, float(np.abs(served_rows[row]).max()))
         if error <= tolerance:
-            record = _record(usable[index], contributions[row], error, engine.name, explained_at)
+            record = _record(
+                model.schema, usable[index], contributions[row], error, engine.name, explained_at
+            )
             result.records.append(record)
         else:
             reason = f"additivity error {error:.3g} exceeds {tolerance:.3g}"
@@ -111,26 +116,34 @@ def _usable(
 
 
 def _record(
+    schema: ModelSchema,
     event: DecisionEvent,
     contributions: NDArray[np.float64],
     error: float,
     engine: str,
     explained_at: datetime,
 ) -> DecisionRecord:
-    """The decision record of one event from its (outputs, features + 1) attributions."""
-    return DecisionRecord(
+    """The sealed decision record of one event from its (outputs, features + 1) attributions."""
+    # Rounded to the float32 the stores keep before reasons and hash are derived from them,
+    # so the record read back is the record hashed.
+    attributions = stored_attributions(contributions[:, :-1])
+    record = DecisionRecord(
         transaction_id=event.transaction_id,
         model=event.model,
         features=event.features,
         prediction=event.prediction,
         # The bias column, never shap's expected_value (it can lag the true base value).
         base_value=contributions[:, -1].tolist(),
-        attributions=contributions[:, :-1].tolist(),
+        attributions=attributions,
         additivity_error=error,
         engine=engine,
         decided_at=event.decided_at,
         explained_at=explained_at,
+        reasons=decision_reasons(schema, event.prediction, attributions),
+        protected_share=protected_share(schema, attributions),
+        record_hash="",
     )
+    return sealed(record)
 
 
 def _additivity_errors(

@@ -80,11 +80,24 @@ class DecisionEvent(Wire):
         return cls.model_validate_json(payload)
 
 
+class Reason(Wire):
+    """A principal reason for an adverse decision: one reason family of the model's schema."""
+
+    family: str
+    reason: str
+    # Summed margin-space attributions of the family's features; positive pushes toward denial.
+    contribution: float
+    features: list[str]
+
+
 class DecisionRecord(Wire):
     """The stored explanation of one decision, in the model's margin space.
 
     `base_value` and each row of `attributions` have one entry per output (one output
-    unless multiclass); attribution columns follow the schema's feature order.
+    unless multiclass); attribution columns follow the schema's feature order. `reasons`
+    are the principal reasons of a denial (empty otherwise); `protected_share` is the share
+    of absolute attribution on protected features (None when the schema marks none);
+    `record_hash` is `service.core.integrity.record_hash` of everything else.
     """
 
     transaction_id: str
@@ -97,6 +110,9 @@ class DecisionRecord(Wire):
     engine: str
     decided_at: datetime
     explained_at: datetime
+    reasons: list[Reason]
+    protected_share: float | None
+    record_hash: str
 
 
 class ModelArtifact(Wire):

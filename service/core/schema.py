@@ -36,9 +36,9 @@ class Feature(Frozen):
     nullable: bool = True
     monotone: Literal[-1, 0, 1] = 0
     description: str = ""
-    # Filled in by later work on reason codes; kept here so schemas stay forward compatible.
+    # The reason family this feature's attribution counts toward (see `ModelSchema.families`).
     family: str | None = None
-    reason: str | None = None
+    # Protected attributes (ECOA / Regulation B) are never a reason; only their share is reported.
     protected: bool = False
 
     @model_validator(mode="after")
@@ -47,7 +47,19 @@ class Feature(Frozen):
             raise ValueError(f"categorical feature {self.name!r} needs its categories")
         if self.type is FeatureType.NUMERIC and self.categories:
             raise ValueError(f"numeric feature {self.name!r} cannot have categories")
+        if self.protected and self.family is not None:
+            raise ValueError(
+                f"protected feature {self.name!r} cannot belong to a reason family: "
+                "a protected attribute is never given as a reason"
+            )
         return self
+
+
+class ReasonFamily(Frozen):
+    """Related features summed into one principal reason, with the text a notice would give."""
+
+    name: str = Field(min_length=1)
+    reason: str = Field(min_length=1)
 
 
 class DecisionRule(Frozen):
@@ -70,17 +82,33 @@ class ModelSchema(Frozen):
     classes: tuple[str, ...] = ()
     decision: DecisionRule | None = None
     description: str = ""
+    # Reason families for adverse-action notices; none means decisions carry no reasons.
+    families: tuple[ReasonFamily, ...] = ()
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelSchema":
         names = [f.name for f in self.features]
         if len(set(names)) != len(names):
             raise ValueError("feature names must be unique")
+        self._check_families()
         if self.task is Task.MULTICLASS and len(self.classes) < 2:
             raise ValueError("a multiclass model needs at least two class labels")
         if self.task is Task.BINARY and self.decision is None:
             raise ValueError("a binary model needs a decision rule")
         return self
+
+    def _check_families(self) -> None:
+        families = [family.name for family in self.families]
+        if len(set(families)) != len(families):
+            raise ValueError("reason family names must be unique")
+        used = {f.family for f in self.features if f.family is not None}
+        unknown = sorted(used.difference(families))
+        if unknown:
+            raise ValueError(f"features name reason families the schema lacks: {unknown}")
+        # A family no feature belongs to is a typo, not a reason that can ever be given.
+        empty = [name for name in families if name not in used]
+        if empty:
+            raise ValueError(f"reason families without features: {empty}")
 
     @property
     def feature_names(self) -> list[str]:

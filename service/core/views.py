@@ -2,7 +2,7 @@
 
 from datetime import datetime
 
-from service.core.records import DecisionRecord, Features, ModelRef, Prediction, Wire
+from service.core.records import DecisionRecord, Features, ModelRef, Prediction, Reason, Wire
 from service.core.schema import ModelSchema, Task
 
 Attributions = dict[str, float] | dict[str, dict[str, float]]
@@ -19,6 +19,10 @@ class ExplanationView(Wire):
     engine: str
     decided_at: datetime
     explained_at: datetime
+    # The principal reasons of a denial (empty otherwise), ranked.
+    reasons: list[Reason]
+    protected_share: float | None
+    record_hash: str
 
 
 def explanation_view(record: DecisionRecord, schema: ModelSchema) -> ExplanationView:
@@ -44,4 +48,7 @@ def explanation_view(record: DecisionRecord, schema: ModelSchema) -> Explanation
         engine=record.engine,
         decided_at=record.decided_at,
         explained_at=record.explained_at,
+        reasons=record.reasons,
+        protected_share=record.protected_share,
+        record_hash=record.record_hash,
     )

@@ -70,19 +70,25 @@ async def query(cql: Session, statement: str, *values: Any) -> list[dict[str, An
     return rows
 
 
+# The compliance columns (reasons, protected share, record hash) expire with the rest.
+TTL_COLUMNS = (
+    "TTL(attributions) AS a, TTL(engine) AS e, TTL(reasons) AS r, TTL(protected_share) AS s, "
+    "TTL(record_hash) AS h"
+)
+
+
 async def decision_ttls(
     cql: Session, keyspace: str, record: DecisionRecord, buckets: int
 ) -> list[int]:
-    """TTL of a payload column of the record's row in both decision tables."""
+    """TTL of payload columns of the record's row in both decision tables."""
     by_txn = await query(
         cql,
-        f"SELECT TTL(attributions) AS a, TTL(engine) AS e FROM {keyspace}.decisions_by_txn "
-        "WHERE txn_id = %s",
+        f"SELECT {TTL_COLUMNS} FROM {keyspace}.decisions_by_txn WHERE txn_id = %s",
         record.transaction_id,
     )
     by_day = await query(
         cql,
-        f"SELECT TTL(attributions) AS a, TTL(engine) AS e FROM {keyspace}.decisions_by_day "
+        f"SELECT {TTL_COLUMNS} FROM {keyspace}.decisions_by_day "
         "WHERE model_version = %s AND day = %s AND bucket = %s AND decided_at = %s AND txn_id = %s",
         record.model.version,
         utc_day(to_epoch_ms(record.decided_at)),
@@ -90,7 +96,7 @@ async def decision_ttls(
         to_epoch_ms(record.decided_at),
         record.transaction_id,
     )
-    return [row[column] for row in by_txn + by_day for column in ("a", "e")]
+    return [row[column] for row in by_txn + by_day for column in ("a", "e", "r", "s", "h")]
 
 
 class TestCassandraStore(StoreContract):
@@ -122,7 +128,7 @@ class TestCassandraStore(StoreContract):
         )
         ttls = await decision_ttls(cql, settings.keyspace, record, settings.day_buckets)
         ttls += [claims[0][column] for column in ("h", "e", "p")]
-        assert len(ttls) == 7
+        assert len(ttls) == 13
         assert all(RETENTION_S - TTL_SLACK_S < ttl <= RETENTION_S for ttl in ttls), ttls
 
     async def test_retention_counts_from_the_decision(

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ from service.adapters.cassandra_store import build_cluster
 from service.core.registry import LoadedModel
 from service.core.schema import FeatureType, Task
 from service.settings import CassandraSettings
-from tests.api_client import MODELS, german_rows, problem_fields
+from tests.api_client import MODELS, bearer, create_key, german_rows, problem_fields
+from tests.decision_checks import assert_adverse_action
 
 SHAPSTREAM = str(Path(sys.executable).with_name("shapstream"))
 TOLERANCE = 1e-5
@@ -44,6 +45,9 @@ class Stack:
     url: str
     models_dir: Path
     keyspace: str
+    # Holds every scope; from `shapstream keys create`, as an operator would make it.
+    key: str
+    env: dict[str, str]
 
 
 def _free_port() -> int:
@@ -133,7 +137,8 @@ def stack(
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, procs, logs)
-        yield Stack(url, models_dir, keyspace)
+        key = create_key(f"pipeline-{run}", "predict,explanations:read,audit:export", env)
+        yield Stack(url, models_dir, keyspace, key, env)
     finally:
         for proc in procs:
             proc.terminate()
@@ -179,10 +184,12 @@ def _as_array(explanation: dict[str, Any], model: LoadedModel) -> np.ndarray:
 
 
 async def _decide_and_explain(
-    url: str, rows: list[dict[str, Any]], model: str | None
+    stack: Stack, rows: list[dict[str, Any]], model: str | None
 ) -> list[dict[str, Any]]:
     limits = asyncio.Semaphore(16)
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+    async with httpx.AsyncClient(
+        base_url=stack.url, headers=bearer(stack.key), timeout=30
+    ) as client:
 
         async def one(features: dict[str, Any]) -> dict[str, Any]:
             async with limits:
@@ -229,9 +236,14 @@ async def test_german_credit_decisions_are_explained_exactly(stack: Stack) -> No
     model = LoadedModel.from_directory(stack.models_dir / "german-credit")
     plain = german_rows(120)
     rows = plain[:80] + _with_missing(plain[80:], seed=1)
-    found = await _decide_and_explain(stack.url, rows, None)
+    found = await _decide_and_explain(stack, rows, None)
     assert len({e["transaction_id"] for e in found}) == len(rows)
     _check_exact(model, rows, found)
+    denied = [e for e in found if e["prediction"]["decision"] == "deny"]
+    assert denied
+    for explanation in denied:
+        assert_adverse_action(explanation, model.schema)
+    assert all(e["reasons"] == [] for e in found if e["prediction"]["decision"] == "approve")
 
 
 @pytest.mark.parametrize("name", ["diabetes", "iris"])
@@ -241,7 +253,7 @@ async def test_bring_your_own_models(stack: Stack, name: str) -> None:
     data.columns = model.schema.feature_names
     rows = [{k: float(v) for k, v in r.items()} for r in data.head(40).to_dict("records")]
     rows[-5:] = _with_missing(rows[-5:], seed=2)
-    found = await _decide_and_explain(stack.url, rows, name)
+    found = await _decide_and_explain(stack, rows, name)
     _check_exact(model, rows, found)
     if name == "iris":
         assert found[0]["prediction"]["class"] in {"setosa", "versicolor", "virginica"}
@@ -258,16 +270,41 @@ async def test_bring_your_own_models(stack: Stack, name: str) -> None:
     ],
 )
 def test_bad_input_over_http(stack: Stack, body: dict[str, Any], status: int, field: str) -> None:
-    answer = httpx.post(f"{stack.url}/v1/predictions", json=body, timeout=10)
+    answer = httpx.post(
+        f"{stack.url}/v1/predictions", json=body, headers=bearer(stack.key), timeout=10
+    )
     assert answer.status_code == status
     assert field in problem_fields(answer)
 
 
 def test_malformed_and_oversized_over_http(stack: Stack) -> None:
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", **bearer(stack.key)}
     malformed = httpx.post(f"{stack.url}/v1/predictions", content=b"{", headers=headers)
     assert malformed.status_code == 400
     assert problem_fields(malformed) == {"body"}
     huge = httpx.post(f"{stack.url}/v1/predictions", content=b"0" * 200_000, headers=headers)
     assert huge.status_code == 413
     problem_fields(huge)
+
+
+async def test_access_control_and_access_log_over_http(stack: Stack) -> None:
+    # One explanation read by a key of its own, to find in the log (Cassandra, kafka mode).
+    reader = create_key(f"reader-{uuid.uuid4().hex[:8]}", "predict,explanations:read", stack.env)
+    found = await _decide_and_explain(replace(stack, key=reader), german_rows(1), None)
+    txn = found[0]["transaction_id"]
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+        anonymous = await client.post("/v1/predictions", json={"features": german_rows(1)[0]})
+        assert anonymous.status_code == 401
+        problem_fields(anonymous)
+        assert anonymous.headers["www-authenticate"].startswith("Bearer")
+        refused = await client.get("/v1/audit/access-log", headers=bearer(reader))
+        assert refused.status_code == 403
+        assert refused.json()["missing_scope"] == "audit:export"
+        assert (await client.get("/healthz")).status_code == 200
+
+        listed = await client.get("/v1/audit/access-log", headers=bearer(stack.key))
+        assert listed.status_code == 200, listed.text
+        reads = [e for e in listed.json()["entries"] if e["target"] == txn]
+        assert [(e["action"], e["key_name"].startswith("reader-")) for e in reads] == [
+            ("explanation.read", True)
+        ]

@@ -12,7 +12,8 @@ import xgboost as xgb
 from service.app import create_app
 from service.core.registry import LoadedModel
 from service.settings import Settings
-from tests.api_client import MODELS, asgi_client, german_rows, problem_fields
+from tests.api_client import MODELS, asgi_client, bearer, dev_key, german_rows, problem_fields
+from tests.decision_checks import assert_adverse_action
 
 ROWS = german_rows(40)
 
@@ -21,6 +22,8 @@ ROWS = german_rows(40)
 async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(mode="embedded", data_dir=tmp_path, models_dir=MODELS)
     async with asgi_client(create_app(settings)) as c:
+        # The development key has every scope; tests/unit/test_auth.py covers refusals.
+        c.headers.update(bearer(dev_key(tmp_path)))
         yield c
 
 
@@ -56,6 +59,16 @@ async def test_prediction_is_explained_exactly(client: httpx.AsyncClient) -> Non
     assert explanation["additivity_error"] <= 1e-4
     assert explanation["prediction"] == decision["prediction"]
     assert explanation["model"] == decision["model"]
+
+
+async def test_a_denial_carries_its_reasons(client: httpx.AsyncClient) -> None:
+    # Applicant 1 of the data set: a 48-month credit the demo model denies.
+    answer = await client.post("/v1/predictions", json={"features": ROWS[1]})
+    assert answer.json()["prediction"]["decision"] == "deny", answer.text
+    found = await client.get(f"/v1/explanations/{answer.json()['transaction_id']}?wait=10")
+    assert found.status_code == 200, found.text
+    schema = LoadedModel.from_directory(MODELS / "german-credit").schema
+    assert_adverse_action(found.json(), schema)
 
 
 async def test_repeated_transaction_id_gives_the_same_answer(client: httpx.AsyncClient) -> None:

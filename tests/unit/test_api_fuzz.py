@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from service.app import create_app
 from service.settings import Settings
-from tests.api_client import MODELS, PROBLEM, asgi_client, german_rows
+from tests.api_client import MODELS, PROBLEM, asgi_client, bearer, dev_key, german_rows
 
 ROW = german_rows(1)[0]
 JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
@@ -60,6 +60,8 @@ def client(
     with asyncio.Runner() as runner:
         manager = asgi_client(create_app(settings_))
         api = runner.run(manager.__aenter__())
+        # With a valid key, so the bodies reach validation instead of stopping at a 401.
+        api.headers.update(bearer(dev_key(data_dir)))
         try:
             yield runner, api
         finally:

@@ -1,0 +1,232 @@
+"""API keys and the access log in Cassandra, on the explanation store's session.
+
+One cluster connection per process: this adapter borrows `CassandraStore.session` and the
+store's asyncio bridge instead of opening its own.
+"""
+
+import asyncio
+import heapq
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from cassandra.query import PreparedStatement, SimpleStatement, Statement
+
+from service.adapters.cassandra_store import SCHEMA_TIMEOUT_S, CassandraStore, bridge
+from service.core.access import AccessEntry, Action, ApiKey, Scope
+
+# Keys never expire: they live until revoked (`shapstream keys revoke`). The table is tiny and
+# read only on a verifier cache miss.
+CREATE_API_KEYS = """
+CREATE TABLE IF NOT EXISTS {keyspace}.api_keys (
+    key_hash text PRIMARY KEY,
+    name text,
+    scopes set<text>,
+    created_at timestamp
+)"""
+
+# Partitioned by UTC day and a bucket. An entry is ~120 bytes serialized: one partition per
+# day would pass Cassandra's 100 MB guideline at ~10 reads/s sustained; 16 buckets allow ~150
+# reads/s, and listing a day costs 16 partition reads. Never change ACCESS_LOG_BUCKETS once a
+# keyspace holds entries: readers scan buckets 0..N-1.
+# Every entry carries the records' retention as its TTL: an examiner asking who saw a decision
+# must get an answer as long as the decision is kept, and the log (which names transactions)
+# must not outlive it. Entries expire in write order, so time-window compaction drops whole
+# SSTables instead of compacting tombstones.
+CREATE_ACCESS_LOG = """
+CREATE TABLE IF NOT EXISTS {keyspace}.access_log (
+    day date,
+    bucket int,
+    accessed_at timestamp,
+    entry_id uuid,
+    key_name text,
+    action text,
+    target text,
+    PRIMARY KEY ((day, bucket), accessed_at, entry_id)
+) WITH CLUSTERING ORDER BY (accessed_at ASC, entry_id ASC)
+  AND compaction = {{'class': 'TimeWindowCompactionStrategy',
+                     'compaction_window_unit': 'DAYS', 'compaction_window_size': 60}}"""
+
+SCHEMA = (CREATE_API_KEYS, CREATE_ACCESS_LOG)
+TABLES = ("api_keys", "access_log")
+ACCESS_LOG_BUCKETS = 16
+
+INSERT_KEY = """
+INSERT INTO {keyspace}.api_keys (key_hash, name, scopes, created_at) VALUES (?, ?, ?, ?)"""
+SELECT_KEY = "SELECT key_hash, name, scopes, created_at FROM {keyspace}.api_keys WHERE key_hash = ?"
+# A full scan, for the CLI only: the table holds one row per key.
+SELECT_KEYS = "SELECT key_hash, name, scopes, created_at FROM {keyspace}.api_keys"
+DELETE_KEY = "DELETE FROM {keyspace}.api_keys WHERE key_hash = ?"
+
+INSERT_ENTRY = """
+INSERT INTO {keyspace}.access_log (
+    day, bucket, accessed_at, entry_id, key_name, action, target
+) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?"""
+
+SELECT_ENTRIES = """
+SELECT accessed_at, entry_id, key_name, action, target FROM {keyspace}.access_log
+WHERE day = ? AND bucket = ? AND accessed_at >= ? AND accessed_at < ? LIMIT ?"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    insert_key: PreparedStatement
+    select_key: PreparedStatement
+    select_keys: PreparedStatement
+    delete_key: PreparedStatement
+    insert_entry: PreparedStatement
+    select_entries: PreparedStatement
+
+
+def _ms(moment: datetime) -> int:
+    return round(moment.timestamp() * 1000)
+
+
+def _from_driver(moment: datetime) -> datetime:
+    # The driver hands back naive UTC datetimes rebuilt from float seconds: round to the ms.
+    epoch_ms = round((moment - datetime(1970, 1, 1)) / timedelta(milliseconds=1))
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC)
+
+
+def _days(start: datetime, end: datetime) -> list[date]:
+    """The UTC days that `start <= t < end` touches."""
+    first = start.astimezone(UTC).date()
+    last = (end.astimezone(UTC) - timedelta(milliseconds=1)).date()
+    return [first + timedelta(days=n) for n in range((last - first).days + 1)]
+
+
+def _key(row: dict[str, Any]) -> ApiKey:
+    return ApiKey(
+        name=row["name"],
+        key_hash=row["key_hash"],
+        scopes=frozenset(Scope(s) for s in row["scopes"] or ()),
+        created_at=_from_driver(row["created_at"]),
+    )
+
+
+class CassandraAccessStore:
+    """`AccessStore` on Cassandra, sharing `store`'s session; LOCAL_QUORUM like the records."""
+
+    def __init__(self, store: CassandraStore) -> None:
+        self._store = store
+        self._ttl_s = store.ttl_s
+        self._statements: _Statements | None = None
+        self._prepare_lock = asyncio.Lock()
+
+    async def migrate(self) -> None:
+        """Create the tables (the keyspace comes from the explanation store's `migrate`)."""
+        for cql in SCHEMA:
+            statement = SimpleStatement(cql.format(keyspace=self._store.keyspace))
+            await self._execute(statement, timeout_s=SCHEMA_TIMEOUT_S)
+
+    async def put_key(self, key: ApiKey) -> None:
+        statements = await self._prepared()
+        values = (key.key_hash, key.name, {s.value for s in key.scopes}, _ms(key.created_at))
+        await self._execute(statements.insert_key.bind(values))
+
+    async def get_key(self, key_hash: str) -> ApiKey | None:
+        statements = await self._prepared()
+        rows = await self._execute(statements.select_key.bind((key_hash,)))
+        return _key(rows[0]) if rows else None
+
+    async def delete_key(self, key_hash: str) -> None:
+        statements = await self._prepared()
+        await self._execute(statements.delete_key.bind((key_hash,)))
+
+    async def keys(self) -> list[ApiKey]:
+        statements = await self._prepared()
+        bound = statements.select_keys.bind(())
+        bound.fetch_size = None
+        return sorted(map(_key, await self._execute(bound)), key=lambda k: k.created_at)
+
+    async def record(self, entry: AccessEntry) -> None:
+        statements = await self._prepared()
+        entry_id = uuid.uuid4()
+        values = (
+            entry.at.astimezone(UTC).date(),
+            entry_id.int % ACCESS_LOG_BUCKETS,
+            _ms(entry.at),
+            entry_id,
+            entry.key_name,
+            entry.action.value,
+            entry.target,
+            self._entry_ttl(entry.at),
+        )
+        await self._execute(statements.insert_entry.bind(values))
+
+    async def entries(self, start: datetime, end: datetime, limit: int) -> list[AccessEntry]:
+        """Day by day, the buckets of a day read concurrently and merged in time order."""
+        if end <= start or limit < 1:
+            return []
+        statements = await self._prepared()
+        found: list[AccessEntry] = []
+        for day in _days(start, end):
+            wanted = limit - len(found)
+            reads = []
+            for bucket in range(ACCESS_LOG_BUCKETS):
+                bound = statements.select_entries.bind((day, bucket, _ms(start), _ms(end), wanted))
+                # One page of at most `wanted` rows: the driver would otherwise stop at 5,000.
+                bound.fetch_size = None
+                reads.append(self._execute(bound))
+            buckets = await asyncio.gather(*reads)
+            merged = heapq.merge(*buckets, key=lambda r: (r["accessed_at"], r["entry_id"]))
+            for row in merged:
+                found.append(
+                    AccessEntry(
+                        at=_from_driver(row["accessed_at"]),
+                        key_name=row["key_name"],
+                        action=Action(row["action"]),
+                        target=row["target"],
+                    )
+                )
+                if len(found) == limit:
+                    return found
+        return found
+
+    def _entry_ttl(self, at: datetime) -> int:
+        # Retention counts from the access, as it counts from the decision for records (and
+        # as the SQLite adapter does); at least 1 s, since a TTL of 0 would mean "forever".
+        elapsed_s = max(int((datetime.now(UTC) - at).total_seconds()), 0)
+        return max(self._ttl_s - elapsed_s, 1)
+
+    async def _prepared(self) -> _Statements:
+        """Prepare every statement once per session, on first use (after `migrate`)."""
+        if self._statements is None:
+            async with self._prepare_lock:
+                if self._statements is None:
+                    self._statements = await asyncio.to_thread(self._prepare_all)
+        return self._statements
+
+    def _prepare_all(self) -> _Statements:
+        session = self._store.session
+
+        def prepare(cql: str) -> PreparedStatement:
+            statement: PreparedStatement = session.prepare(
+                cql.format(keyspace=self._store.keyspace)
+            )
+            # Every statement may be retried: keys are upserts and deletes by primary key, and
+            # an entry's random id makes a retried insert land on the same row.
+            statement.is_idempotent = True
+            return statement
+
+        return _Statements(
+            insert_key=prepare(INSERT_KEY),
+            select_key=prepare(SELECT_KEY),
+            select_keys=prepare(SELECT_KEYS),
+            delete_key=prepare(DELETE_KEY),
+            insert_entry=prepare(INSERT_ENTRY),
+            select_entries=prepare(SELECT_ENTRIES),
+        )
+
+    async def _execute(
+        self, statement: Statement, timeout_s: float | None = None
+    ) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        session = self._store.session
+        if timeout_s is None:
+            response = session.execute_async(statement)
+        else:
+            response = session.execute_async(statement, timeout=timeout_s)
+        rows: list[dict[str, Any]] | None = await bridge(response, loop)
+        return rows or []

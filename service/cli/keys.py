@@ -1,0 +1,108 @@
+"""`shapstream keys`: create, list and revoke API keys (Cassandra, or SQLite in embedded mode)."""
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, TypeVar
+
+import typer
+
+from service.ports import AccessStore
+from service.settings import Settings
+
+T = TypeVar("T")
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys.")
+
+Name = Annotated[str, typer.Option("--name", help="Who or what the key is for (logged on use).")]
+Scopes = Annotated[
+    str,
+    typer.Option("--scopes", help="Comma-separated: predict, explanations:read, audit:export."),
+]
+
+
+@keys_app.command()
+def create(name: Name, scopes: Scopes) -> None:
+    """Create a key; it is printed once, and only its SHA-256 is stored."""
+    from service.core.access import new_api_key, parse_scopes
+
+    try:
+        parsed = parse_scopes(scopes)
+        key, record = new_api_key(name, parsed)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    settings = Settings()
+    _run(settings, lambda access: access.put_key(record))
+    typer.echo(f"Created key {record.name!r} with scopes {', '.join(sorted(parsed))}.", err=True)
+    typer.echo("Store it now: it cannot be shown again.", err=True)
+    # Alone on stdout, so `KEY=$(shapstream keys create ...)` captures just the key.
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def list_keys() -> None:
+    """Names, scopes and creation times of the stored keys (never the keys or their hashes)."""
+    keys = _run(Settings(), lambda access: access.keys())
+    for key in keys:
+        typer.echo(
+            f"{key.created_at:%Y-%m-%dT%H:%M:%SZ}  {key.name}  {','.join(sorted(key.scopes))}"
+        )
+
+
+@keys_app.command()
+def revoke(name: Annotated[str, typer.Argument(help="Name of the key(s) to revoke.")]) -> None:
+    """Delete every key of that name; running gateways refuse it once their cache expires."""
+    settings = Settings()
+
+    async def delete(access: AccessStore) -> int:
+        matching = [k for k in await access.keys() if k.name == name]
+        for key in matching:
+            await access.delete_key(key.key_hash)
+        return len(matching)
+
+    count = _run(settings, delete)
+    if count == 0:
+        typer.echo(f"no key named {name!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(
+        f"revoked {count} key(s) named {name!r}; gateways stop accepting them within "
+        f"{settings.security.key_cache_s:g} s",
+        err=True,
+    )
+
+
+def _run(settings: Settings, action: Callable[[AccessStore], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with open_access_store(settings) as access:
+            return await action(access)
+
+    return asyncio.run(main())
+
+
+@asynccontextmanager
+async def open_access_store(settings: Settings) -> AsyncIterator[AccessStore]:
+    """The access store of the configured mode (`SHAPSTREAM_MODE`), schema ensured."""
+    if settings.mode == "kafka":
+        from service.adapters.cassandra_access import CassandraAccessStore
+        from service.adapters.cassandra_store import CassandraStore
+
+        cassandra = await CassandraStore.from_settings(settings)
+        try:
+            await cassandra.migrate()
+            access: AccessStore = CassandraAccessStore(cassandra)
+            await access.migrate()
+            yield access
+        finally:
+            await cassandra.close()
+    else:
+        from service.adapters.sqlite_access import SqliteAccessStore
+        from service.adapters.sqlite_store import SqliteStore
+
+        sqlite = await SqliteStore.from_settings(settings)
+        try:
+            await sqlite.migrate()
+            access = SqliteAccessStore(sqlite)
+            await access.migrate()
+            yield access
+        finally:
+            await sqlite.close()

@@ -1,0 +1,318 @@
+"""Audit export and verify on the SQLite store: round trips, tampering named by row, the API."""
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from service.adapters.sqlite_store import DB_FILE, SqliteStore
+from service.app import create_app
+from service.cli import build_app
+from service.core.export import (
+    FIELDS,
+    AuditExport,
+    ExportFormat,
+    ExportQuery,
+    ProblemKind,
+    VerifyReport,
+    scan_versions,
+    schemas_from,
+    verify,
+)
+from service.core.integrity import sealed
+from service.core.records import BinaryPrediction, DecisionRecord, ModelArtifact
+from service.core.schema import ModelSchema, Task
+from service.settings import Settings
+from tests.api_client import (
+    MODELS,
+    asgi_client,
+    bearer,
+    dev_key,
+    german_rows,
+    problem_fields,
+)
+from tests.store_contract import (
+    CLASSES,
+    RETENTION,
+    binary_record,
+    multiclass_record,
+    with_version,
+)
+
+BINARY = "sha256:" + "b" * 64
+MULTICLASS = "sha256:" + "c" * 64
+START = datetime(2026, 3, 2, tzinfo=UTC)
+END = START + timedelta(days=2)
+BINARY_ROWS, MULTICLASS_ROWS = 30, 4
+Named = set[tuple[int | None, str | None, ProblemKind]]
+
+
+def german_schema() -> ModelSchema:
+    return ModelSchema.model_validate_json((MODELS / "german-credit" / "schema.json").read_bytes())
+
+
+def artifact(version: str, schema: ModelSchema) -> ModelArtifact:
+    return ModelArtifact(
+        name=schema.name,
+        version=version,
+        schema_bytes=schema.model_dump_json().encode(),
+        model_bytes=b"{}",
+    )
+
+
+def approved(record: DecisionRecord) -> DecisionRecord:
+    """The record as an approval: no adverse-action reasons."""
+    prediction = BinaryPrediction(probability=0.2689414213699951, margin=-1.0, decision="approve")
+    return sealed(record.model_copy(update={"prediction": prediction, "reasons": []}))
+
+
+def decisions() -> list[DecisionRecord]:
+    """Denials and approvals over two UTC days, and a few multiclass decisions."""
+    binary = [
+        with_version(binary_record(n, decided_at=START + timedelta(minutes=97 * n)), BINARY)
+        for n in range(BINARY_ROWS)
+    ]
+    binary = [approved(r) if n % 2 == 0 else r for n, r in enumerate(binary)]
+    multiclass = [
+        with_version(
+            multiclass_record(n).model_copy(update={"decided_at": START + timedelta(hours=n)}),
+            MULTICLASS,
+        )
+        for n in range(MULTICLASS_ROWS)
+    ]
+    return binary + multiclass
+
+
+async def filled_store(data_dir: Path) -> SqliteStore:
+    """An embedded store holding `decisions()` and the schemas of their two model versions."""
+    opened = await SqliteStore.open(data_dir / DB_FILE, RETENTION)
+    await opened.migrate()
+    schema = german_schema()
+    multiclass = schema.model_copy(
+        update={"task": Task.MULTICLASS, "classes": CLASSES, "decision": None}
+    )
+    await opened.put_model(artifact(BINARY, schema))
+    await opened.put_model(artifact(MULTICLASS, multiclass))
+    await opened.write(decisions())
+    return opened
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    opened = await filled_store(tmp_path)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def export_file(
+    store: SqliteStore,
+    path: Path,
+    export_format: ExportFormat = ExportFormat.JSONL,
+    versions: tuple[str, ...] | None = None,
+    decision: str | None = None,
+) -> Path:
+    versions = versions or tuple(await store.model_versions())
+    query = ExportQuery(START, END, versions, decision, export_format)
+    export = AuditExport(query, schemas_from(store.get_model))
+    async with aclosing(scan_versions(store, versions, START, END)) as records:
+        content = b"".join([chunk async for chunk in export.chunks(records)])
+    await asyncio.to_thread(path.write_bytes, content)
+    return path
+
+
+def named(report: VerifyReport) -> Named:
+    """The rows the report names, with what it says of them."""
+    return {(p.line, p.transaction_id, p.kind) for p in report.problems if p.line is not None}
+
+
+def txn(line: bytes) -> str:
+    """The transaction id of a JSON Lines row."""
+    transaction_id: str = orjson.loads(line)["transaction_id"]
+    return transaction_id
+
+
+@pytest.mark.parametrize("export_format", list(ExportFormat))
+async def test_an_export_verifies(
+    store: SqliteStore, tmp_path: Path, export_format: ExportFormat
+) -> None:
+    path = await export_file(store, tmp_path / f"audit.{export_format}", export_format)
+    report = verify(path)
+    assert report.ok, [str(p) for p in report.problems]
+    assert report.rows == BINARY_ROWS + MULTICLASS_ROWS
+    content, manifest_line = path.read_bytes().rstrip(b"\n").rsplit(b"\n", 1)
+    assert report.manifest is not None
+    assert report.manifest["rows"] == report.rows
+    assert report.manifest["content_sha256"] == hashlib.sha256(content + b"\n").hexdigest()
+    if export_format is ExportFormat.CSV:
+        assert manifest_line.startswith(b"#manifest {")
+        assert content.split(b"\n", 1)[0].decode() == ",".join(FIELDS)
+        return
+    rows = [orjson.loads(line) for line in content.split(b"\n")]
+    assert [list(row) for row in rows] == [list(FIELDS)] * len(rows)
+    binary = next(row for row in rows if row["model_version"] == BINARY)
+    assert list(binary["attributions"]) == german_schema().feature_names
+    multiclass = next(row for row in rows if row["model_version"] == MULTICLASS)
+    assert list(multiclass["attributions"]) == list(CLASSES)
+    assert list(multiclass["base_value"]) == list(CLASSES)
+
+
+@pytest.mark.parametrize("export_format", list(ExportFormat))
+async def test_one_changed_byte_is_named(
+    store: SqliteStore, tmp_path: Path, export_format: ExportFormat
+) -> None:
+    path = await export_file(store, tmp_path / f"audit.{export_format}", export_format)
+    lines = path.read_bytes().splitlines(keepends=True)
+    target = 7  # 0-based line index: a row in both formats
+    line = bytearray(lines[target])
+    # The first decimal of the probability: still a valid number, now a different one.
+    digit = line.index(b".", line.index(b"probability")) + 1
+    line[digit] = ord(str((int(chr(line[digit])) + 1) % 10))
+    lines[target] = bytes(line)
+    path.write_bytes(b"".join(lines))
+
+    report = verify(path)
+    assert not report.ok
+    assert {(line, kind) for line, _, kind in named(report)} == {(target + 1, ProblemKind.ALTERED)}
+    (problem,) = [p for p in report.problems if p.line is not None]
+    assert problem.transaction_id is not None
+    assert problem.transaction_id in lines[target].decode()
+
+
+async def test_a_removed_row_is_named(store: SqliteStore, tmp_path: Path) -> None:
+    path = await export_file(store, tmp_path / "audit.jsonl")
+    lines = path.read_bytes().splitlines(keepends=True)
+    del lines[10]
+    path.write_bytes(b"".join(lines))
+
+    report = verify(path)
+    # Line 11 now holds the row that followed the removed one.
+    assert named(report) == {(11, txn(lines[10]), ProblemKind.REMOVED)}
+    assert any("counts 34 rows, the file has 33" in p.detail for p in report.problems)
+
+
+async def test_an_inserted_copy_is_named(store: SqliteStore, tmp_path: Path) -> None:
+    path = await export_file(store, tmp_path / "audit.jsonl")
+    lines = path.read_bytes().splitlines(keepends=True)
+    # A copy of a genuine row: its own record hash is right, its place in the chain is not.
+    lines.insert(11, lines[3])
+    path.write_bytes(b"".join(lines))
+
+    report = verify(path)
+    assert named(report) == {(12, txn(lines[3]), ProblemKind.INSERTED)}
+
+
+async def test_a_cut_manifest_or_a_missing_last_row_is_found(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    path = await export_file(store, tmp_path / "audit.jsonl")
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-40])
+    report = verify(path)
+    assert [(p.kind, p.detail) for p in report.problems] == [
+        (ProblemKind.MANIFEST, "the last line is a damaged manifest")
+    ]
+
+    lines = whole.splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-2] + lines[-1:]))
+    report = verify(path)
+    assert named(report) == set()
+    kinds = {p.kind for p in report.problems}
+    assert kinds == {ProblemKind.REMOVED, ProblemKind.MANIFEST}
+
+
+async def test_filters_by_decision_and_model_version(store: SqliteStore, tmp_path: Path) -> None:
+    path = await export_file(store, tmp_path / "approvals.jsonl", decision="approve")
+    rows = [orjson.loads(line) for line in path.read_bytes().splitlines()[:-1]]
+    assert {row["decision"] for row in rows} == {"approve"}
+    assert len(rows) == BINARY_ROWS // 2
+    assert verify(path).ok
+
+    path = await export_file(store, tmp_path / "multi.csv", ExportFormat.CSV, (MULTICLASS,))
+    report = verify(path)
+    assert report.ok
+    assert report.rows == MULTICLASS_ROWS
+    assert report.manifest is not None
+    assert list(report.manifest["models"]) == [MULTICLASS]
+
+
+async def test_export_over_http(tmp_path: Path) -> None:
+    settings = Settings(mode="embedded", data_dir=tmp_path / "data", models_dir=MODELS)
+    async with asgi_client(create_app(settings)) as client:
+        key = bearer(dev_key(settings.data_dir))
+        now = datetime.now(UTC)
+        for features in german_rows(5):
+            answer = await client.post("/v1/predictions", json={"features": features}, headers=key)
+            assert answer.status_code == 200, answer.text
+            found = await client.get(
+                f"/v1/explanations/{answer.json()['transaction_id']}?wait=10", headers=key
+            )
+            assert found.status_code == 200, found.text
+        window = {
+            "start": (now - timedelta(hours=1)).isoformat(),
+            "end": (now + timedelta(hours=1)).isoformat(),
+            "format": "csv",
+        }
+        exported = await client.get("/v1/audit/export", params=window, headers=key)
+        assert exported.status_code == 200, exported.text
+        assert exported.headers["content-type"] == "text/csv; charset=utf-8"
+        assert exported.headers["content-disposition"].startswith('attachment; filename="')
+        path = tmp_path / "audit.csv"
+        path.write_bytes(exported.content)
+        report = verify(path)
+        assert report.ok, [str(p) for p in report.problems]
+        assert report.rows == 5
+
+        log = await client.get("/v1/audit/access-log", headers=key)
+        assert [e["action"] for e in log.json()["entries"]].count("audit.export") == 1
+
+        refused = await client.get("/v1/audit/export", params=window)
+        assert refused.status_code == 401
+        for change, field in [
+            ({"end": window["start"]}, "end"),
+            ({"start": "2026-03-02T00:00:00"}, "start"),
+            ({"start": "0001-01-01T00:00:00+01:00"}, "start"),
+            ({"end": (now + timedelta(days=400)).isoformat()}, "end"),
+            ({"model_version": "sha256:unknown"}, "model_version"),
+            ({"format": "xlsx"}, "format"),
+        ]:
+            bad = await client.get("/v1/audit/export", params={**window, **change}, headers=key)
+            assert bad.status_code == 422, bad.text
+            assert problem_fields(bad) == {field}
+
+
+async def fill(data_dir: Path) -> None:
+    store = await filled_store(data_dir)
+    await store.close()
+
+
+def test_the_cli_exports_and_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    asyncio.run(fill(data_dir))
+    monkeypatch.setenv("SHAPSTREAM_MODE", "embedded")
+    monkeypatch.setenv("SHAPSTREAM_DATA_DIR", str(data_dir))
+    cli, runner, path = build_app(), CliRunner(), tmp_path / "audit.csv"
+    window = ["--start", START.isoformat(), "--end", END.isoformat()]
+
+    done = runner.invoke(cli, ["audit", "export", *window, "--format", "csv", "--out", str(path)])
+    assert done.exit_code == 0, done.output
+    assert f"{BINARY_ROWS + MULTICLASS_ROWS} rows in" in done.output
+    checked = runner.invoke(cli, ["audit", "verify", str(path)])
+    assert checked.exit_code == 0, checked.output
+    assert checked.output == f"OK: {BINARY_ROWS + MULTICLASS_ROWS} rows, manifest matches\n"
+
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[5] = lines[5].replace(b"pred_contribs", b"pred_contribz")
+    path.write_bytes(b"".join(lines))
+    failed = runner.invoke(cli, ["audit", "verify", str(path)])
+    assert failed.exit_code == 1
+    assert failed.output.startswith("line 6 (txn-")
+    assert "altered: its content does not match its record hash" in failed.output
