@@ -645,26 +645,7 @@ class CassandraStore:
         """
         day = utc_day(columns.decided_at_ms)
         bucket = day_bucket(columns.txn_id, self._settings.day_buckets)
-        by_txn = statements.insert_by_txn.bind(
-            (
-                columns.txn_id,
-                columns.model_name,
-                columns.model_version,
-                columns.inputs,
-                columns.prediction,
-                columns.decision,
-                columns.base_value,
-                columns.attributions,
-                columns.additivity_error,
-                columns.engine,
-                columns.decided_at_ms,
-                columns.explained_at_ms,
-                columns.reasons,
-                columns.protected_share,
-                columns.record_hash,
-                ttl,
-            ),
-        )
+        by_txn = statements.insert_by_txn.bind((*columns.row(), ttl))
         by_day = statements.insert_by_day.bind(
             (
                 columns.model_version,

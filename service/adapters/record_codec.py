@@ -11,8 +11,9 @@
   `timestamp` holds; sub-millisecond digits are dropped on write so a round trip is equal.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import orjson
@@ -102,6 +103,10 @@ class RecordColumns:
     reasons: bytes
     protected_share: float | None
     record_hash: str
+
+    def row(self) -> tuple[Any, ...]:
+        """The values in field order, which is the column order of the by-transaction tables."""
+        return tuple(getattr(self, f.name) for f in fields(self))
 
 
 def to_columns(record: DecisionRecord) -> RecordColumns:

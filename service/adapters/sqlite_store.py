@@ -184,24 +184,7 @@ def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
 
 
 def _decision_row(columns: RecordColumns, expires_at_ms: int) -> tuple[Any, ...]:
-    return (
-        columns.txn_id,
-        columns.model_name,
-        columns.model_version,
-        columns.inputs,
-        columns.prediction,
-        columns.decision,
-        columns.base_value,
-        columns.attributions,
-        columns.additivity_error,
-        columns.engine,
-        columns.decided_at_ms,
-        columns.explained_at_ms,
-        columns.reasons,
-        columns.protected_share,
-        columns.record_hash,
-        expires_at_ms,
-    )
+    return (*columns.row(), expires_at_ms)
 
 
 class SqliteStore:
