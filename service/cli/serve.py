@@ -5,6 +5,7 @@ from typing import Annotated
 
 import typer
 
+from service.cli.preflight import require_models, require_servers
 from service.core.keys import DEV_KEY_FILE
 from service.settings import Settings
 
@@ -15,6 +16,8 @@ Port = Annotated[int, typer.Option(help="TCP port to listen on.")]
 def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     """Start the gateway against Kafka and Cassandra (SHAPSTREAM_KAFKA_BOOTSTRAP, ..._HOSTS)."""
     settings = Settings(mode="kafka")
+    require_models(settings.models_dir)
+    require_servers(settings)
     typer.echo(
         f"shapstream gateway: Kafka {settings.kafka.bootstrap}, "
         f"Cassandra {settings.cassandra.hosts}, models {settings.models_dir}"
@@ -26,6 +29,7 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
 def run(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     """Start everything in one process: gateway, worker, SQLite store, in-process bus."""
     settings = Settings(mode="embedded")
+    require_models(settings.models_dir)
     typer.echo(f"shapstream (embedded): state in {settings.data_dir}, models {settings.models_dir}")
     typer.echo(f"  API   http://{host}:{port}/v1/predictions")
     typer.echo(f"  docs  http://{host}:{port}/docs")

@@ -13,12 +13,15 @@ def worker(metrics_port: MetricsPort = None) -> None:
     """Explain decisions from Kafka into Cassandra until SIGTERM (SHAPSTREAM_* settings)."""
     import asyncio
 
+    from service.cli.preflight import require_servers
     from service.logs import configure_logging
     from service.settings import Settings
     from workers.main import run_worker
 
+    settings = Settings(mode="kafka")
+    require_servers(settings)
     configure_logging()
-    asyncio.run(run_worker(Settings(mode="kafka"), metrics_port=metrics_port))
+    asyncio.run(run_worker(settings, metrics_port=metrics_port))
 
 
 def worker_app() -> typer.Typer:
