@@ -201,28 +201,11 @@ def _cli_user() -> str:
 async def _open_stores(
     settings: Settings,
 ) -> AsyncIterator[tuple["ExplanationStore", "AccessStore"]]:
-    """The explanation store of SHAPSTREAM_MODE and the access log on its connection."""
-    if settings.mode == "kafka":
-        from service.adapters.cassandra_access import CassandraAccessStore
-        from service.adapters.cassandra_store import CassandraStore
+    """The stores of SHAPSTREAM_MODE; in embedded mode only an existing database."""
+    from service.adapters.sqlite_store import DB_FILE
+    from service.cli.stores import open_stores
 
-        cassandra = await CassandraStore.from_settings(settings)
-        try:
-            access = CassandraAccessStore(cassandra)
-            await access.migrate()
-            yield cassandra, access
-        finally:
-            await cassandra.close()
-        return
-    from service.adapters.sqlite_access import SqliteAccessStore
-    from service.adapters.sqlite_store import DB_FILE, SqliteStore
-
-    if not (settings.data_dir / DB_FILE).exists():
+    if settings.mode != "kafka" and not (settings.data_dir / DB_FILE).exists():
         raise typer.BadParameter(f"no embedded database in {settings.data_dir}")
-    sqlite = await SqliteStore.from_settings(settings)
-    try:
-        embedded = SqliteAccessStore(sqlite)
-        await embedded.migrate()
-        yield sqlite, embedded
-    finally:
-        await sqlite.close()
+    async with open_stores(settings) as stores:
+        yield stores

@@ -7,6 +7,7 @@ from typing import Annotated, TypeVar
 
 import typer
 
+from service.cli.stores import open_stores
 from service.ports import AccessStore
 from service.settings import Settings
 
@@ -82,27 +83,5 @@ def _run(settings: Settings, action: Callable[[AccessStore], Awaitable[T]]) -> T
 @asynccontextmanager
 async def open_access_store(settings: Settings) -> AsyncIterator[AccessStore]:
     """The access store of the configured mode (`SHAPSTREAM_MODE`), schema ensured."""
-    if settings.mode == "kafka":
-        from service.adapters.cassandra_access import CassandraAccessStore
-        from service.adapters.cassandra_store import CassandraStore
-
-        cassandra = await CassandraStore.from_settings(settings)
-        try:
-            await cassandra.migrate()
-            access: AccessStore = CassandraAccessStore(cassandra)
-            await access.migrate()
-            yield access
-        finally:
-            await cassandra.close()
-    else:
-        from service.adapters.sqlite_access import SqliteAccessStore
-        from service.adapters.sqlite_store import SqliteStore
-
-        sqlite = await SqliteStore.from_settings(settings)
-        try:
-            await sqlite.migrate()
-            access = SqliteAccessStore(sqlite)
-            await access.migrate()
-            yield access
-        finally:
-            await sqlite.close()
+    async with open_stores(settings) as (_, access):
+        yield access
