@@ -51,6 +51,7 @@ from service.adapters.record_codec import (
 )
 from service.core.records import Claim, DecisionRecord, ModelArtifact
 from service.core.schema import ModelSchema
+from service.hosts import parse_host_ports
 from service.settings import CassandraSettings, Settings
 
 DEFAULT_NATIVE_PORT = 9042
@@ -224,21 +225,7 @@ SELECT_TABLES = "SELECT table_name FROM system_schema.tables WHERE keyspace_name
 
 def parse_hosts(hosts: str) -> list[tuple[str, int]]:
     """`"h1:9042,[::1]:9042,h3"` as (host, port) pairs; the port defaults to 9042."""
-    points: list[tuple[str, int]] = []
-    for item in (part.strip() for part in hosts.split(",")):
-        if not item:
-            continue
-        if item.startswith("["):
-            host, _, rest = item[1:].partition("]")
-            port = rest.removeprefix(":")
-        else:
-            host, _, port = item.partition(":")
-        if not host or ":" in port:
-            raise ValueError(f"cannot read Cassandra host {item!r}: use host:port or [ipv6]:port")
-        points.append((host, int(port) if port else DEFAULT_NATIVE_PORT))
-    if not points:
-        raise ValueError("no Cassandra hosts configured")
-    return points
+    return parse_host_ports(hosts, DEFAULT_NATIVE_PORT, "Cassandra")
 
 
 def native_port(points: Sequence[tuple[str, int]]) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from service.core.schema import SCHEMA_FILE
+from service.hosts import parse_host_ports
 from service.settings import Settings
 
 REACH_TIMEOUT_S = 3.0
@@ -25,13 +26,16 @@ def require_models(models_dir: Path) -> None:
 
 def require_servers(settings: Settings) -> None:
     """Exit with what to do when Kafka or Cassandra does not accept connections."""
-    from service.adapters.cassandra_store import parse_hosts
-
     kafka = settings.kafka.bootstrap
     cassandra = settings.cassandra.hosts
     checks = [
-        ("Kafka", "SHAPSTREAM_KAFKA_BOOTSTRAP", kafka, [_host_port(i) for i in kafka.split(",")]),
-        ("Cassandra", "SHAPSTREAM_CASSANDRA_HOSTS", cassandra, parse_hosts(cassandra)),
+        ("Kafka", "SHAPSTREAM_KAFKA_BOOTSTRAP", kafka, parse_host_ports(kafka, 9092, "Kafka")),
+        (
+            "Cassandra",
+            "SHAPSTREAM_CASSANDRA_HOSTS",
+            cassandra,
+            parse_host_ports(cassandra, 9042, "Cassandra"),
+        ),
     ]
     for name, variable, value, points in checks:
         if not _any_reachable(points):
@@ -39,12 +43,6 @@ def require_servers(settings: Settings) -> None:
                 f"{name} does not answer at {value} ({variable}). Start the local servers with "
                 f"`make services`, or set {variable} to a running {name}."
             )
-
-
-def _host_port(item: str) -> tuple[str, int]:
-    host, _, port = item.strip().rpartition(":")
-    # Kafka's own default port when none is given.
-    return (host.strip("[]"), int(port)) if host and port.isdigit() else (item.strip(), 9092)
 
 
 def _any_reachable(points: Sequence[tuple[str, int]]) -> bool:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from service.hosts import parse_host_ports
+
 KAFKA_ENV = "SHAPSTREAM_KAFKA_BOOTSTRAP"
 CASSANDRA_ENV = "SHAPSTREAM_CASSANDRA_HOSTS"
 DEFAULT_KAFKA_BOOTSTRAP = "127.0.0.1:19092"
@@ -27,17 +29,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.integration)
-
-
-def parse_host_ports(value: str, default_port: int) -> list[tuple[str, int]]:
-    """'h1:p1,h2' -> [('h1', p1), ('h2', default_port)]."""
-    pairs: list[tuple[str, int]] = []
-    for item in filter(None, (part.strip() for part in value.split(","))):
-        host, sep, port = item.rpartition(":")
-        if not sep or not port.isdigit():
-            host, port = item, str(default_port)
-        pairs.append((host.strip("[]"), int(port)))
-    return pairs
 
 
 def require_reachable(name: str, env_var: str, addresses: list[tuple[str, int]]) -> None:
@@ -60,7 +51,7 @@ def require_reachable(name: str, env_var: str, addresses: list[tuple[str, int]])
 def kafka_bootstrap() -> str:
     """Kafka bootstrap servers, 'host:port[,host:port...]'; fails if Kafka does not answer."""
     value = os.environ.get(KAFKA_ENV, "").strip() or DEFAULT_KAFKA_BOOTSTRAP
-    require_reachable("Kafka", KAFKA_ENV, parse_host_ports(value, 9092))
+    require_reachable("Kafka", KAFKA_ENV, parse_host_ports(value, 9092, "Kafka"))
     return value
 
 
@@ -68,6 +59,6 @@ def kafka_bootstrap() -> str:
 def cassandra_contact() -> list[tuple[str, int]]:
     """Cassandra contact points as (host, port); fails if Cassandra does not answer."""
     value = os.environ.get(CASSANDRA_ENV, "").strip() or DEFAULT_CASSANDRA_HOSTS
-    contact = parse_host_ports(value, 9042)
+    contact = parse_host_ports(value, 9042, "Cassandra")
     require_reachable("Cassandra", CASSANDRA_ENV, contact)
     return contact
