@@ -1,12 +1,15 @@
 """A small HTTP/1.1 keep-alive load generator (httpx would be the bottleneck at 1,000 req/s)."""
 
 import asyncio
+import contextlib
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 Body = Callable[[int], bytes]
+# The status counted for a request whose connection failed before an answer came.
+NO_ANSWER = 0
 
 
 @dataclass
@@ -24,6 +27,11 @@ class Result:
     def rate(self) -> float:
         return len(self.latencies_s) / self.elapsed_s if self.elapsed_s else 0.0
 
+    @property
+    def ok_rate(self) -> float:
+        """Answers with status 200 per second."""
+        return self.ok / self.elapsed_s if self.elapsed_s else 0.0
+
     def percentile_ms(self, q: float) -> float:
         if not self.latencies_s:
             return float("nan")
@@ -36,6 +44,21 @@ class Result:
             f"p50 {self.percentile_ms(0.5):.2f} ms, p99 {self.percentile_ms(0.99):.2f} ms, "
             f"statuses {dict(sorted(self.statuses.items()))}"
         )
+
+
+def cycling(payloads: Sequence[bytes]) -> Body:
+    """Request i sends payloads[i % len(payloads)]."""
+    return lambda i: payloads[i % len(payloads)]
+
+
+def with_transaction_ids(prefix: str, payloads: Sequence[bytes]) -> Body:
+    """Like `cycling`, each JSON object body led by its own "transaction_id": prefix + i.
+
+    Spliced as bytes: serialising every request again would load the client, not the server.
+    """
+    head = b'{"transaction_id":"' + prefix.encode()
+    tails = [b'",' + p[1:] if p[1:2] != b"}" else b'"}' for p in payloads]
+    return lambda i: head + str(i).encode() + tails[i % len(tails)]
 
 
 def header_lines(headers: Mapping[str, str] | None) -> bytes:
@@ -63,18 +86,36 @@ class Connection:
         ).encode()
         self._writer.write(head + self._extra + b"\r\n" + body)
         status_line = await self._reader.readline()
+        if not status_line:
+            raise ConnectionResetError("the server closed the connection")
         status = int(status_line.split()[1])
-        length = 0
+        length, close = 0, False
         while (line := await self._reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
+            name = name.strip().lower()
+            if name == b"content-length":
                 length = int(value.strip())
-        return status, await self._reader.readexactly(length)
+            elif name == b"connection":
+                close = value.strip().lower() == b"close"
+        payload = await self._reader.readexactly(length)
+        if close:
+            await self.close()
+        return status, payload
+
+    async def request(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """Like `post`, but a failed connection is an answer: NO_ANSWER, then reconnect."""
+        try:
+            return await self.post(path, body)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            await self.close()
+            return NO_ANSWER, b""
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            await self._writer.wait_closed()
+        writer, self._reader, self._writer = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
 
 async def closed_loop(
@@ -96,7 +137,7 @@ async def closed_loop(
         try:
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
-                status, _ = await conn.post(path, body(next(counter)))
+                status, _ = await conn.request(path, body(next(counter)))
                 result.latencies_s.append(time.perf_counter() - start)
                 result.statuses[status] = result.statuses.get(status, 0) + 1
         finally:
@@ -131,7 +172,7 @@ async def open_loop(
     async def one(i: int, scheduled: float) -> None:
         conn = await pool.get()
         try:
-            status, payload = await conn.post(path, body(i))
+            status, payload = await conn.request(path, body(i))
         finally:
             pool.put_nowait(conn)
         result.latencies_s.append(time.perf_counter() - scheduled)

@@ -12,6 +12,9 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from bench.cpu import is_loopback, pid_listening_on
+from deploy.local import services
+
 ROOT = Path(__file__).resolve().parent.parent
 SHAPSTREAM = str(Path(sys.executable).with_name("shapstream"))
 
@@ -23,11 +26,22 @@ def free_port() -> int:
         return port
 
 
-def wait_http(port: int, path: str = "/healthz", timeout_s: float = 60.0) -> None:
-    """Poll until the server answers 200, or fail with what to look at."""
+def wait_http(
+    port: int,
+    path: str = "/healthz",
+    timeout_s: float = 60.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
+    """Poll until the server answers 200, or fail with what to look at (at once if it exited)."""
     deadline = time.monotonic() + timeout_s
     url = f"http://127.0.0.1:{port}{path}"
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(
+                f"the server (pid {proc.pid}) exited with {proc.returncode} before "
+                f"{url} answered:\n{log_tail(log)}"
+            )
         with (
             contextlib.suppress(OSError, urllib.error.URLError),
             urllib.request.urlopen(url, timeout=1) as answer,
@@ -35,7 +49,15 @@ def wait_http(port: int, path: str = "/healthz", timeout_s: float = 60.0) -> Non
             if answer.status == 200:
                 return
         time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s; see the bench logs")
+    raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s:\n{log_tail(log)}")
+
+
+def log_tail(log: Path | None, lines: int = 20) -> str:
+    """The last lines of a child's log, to show why it failed."""
+    if log is None or not log.exists():
+        return "(no log)"
+    text = log.read_text(errors="replace").splitlines()[-lines:]
+    return "\n".join(f"  | {line}" for line in text) + f"\n(all of it in {log})"
 
 
 @contextlib.contextmanager
@@ -75,3 +97,23 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def backend_pids() -> dict[str, int | None]:
+    """The Kafka and Cassandra JVMs: from the pid files of deploy/local/services.py, else the
+    local process listening on their configured address; None for servers elsewhere."""
+    kafka, cassandra = services.servers(services.read_versions())
+    paths = services.default_paths()
+    pids: dict[str, int | None] = {}
+    for server in (kafka, cassandra):
+        pids[server.key] = None
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(paths.pid_file(server).read_text().strip())
+            if services.is_ours(pid, server, paths):
+                pids[server.key] = pid
+                continue
+        address = services.external_address(server) or server.default_address
+        for host, port in services.parse_addresses(address, server.standard_port):
+            if pids[server.key] is None and is_loopback(host):
+                pids[server.key] = pid_listening_on(port)
+    return pids

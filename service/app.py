@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from service.api import access_log, audit, explanations, health, models, predictions
 from service.api.deps import STATE_KEY
-from service.api.middleware import BodyLimit, RequestMetrics
+from service.api.middleware import BodyLimit, LoadShedding, RequestMetrics
 from service.api.problems import install_problem_handlers
 from service.metrics import Metrics, create_metrics
 from service.resources import open_resources
@@ -46,6 +46,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         app.include_router(router)
     app.include_router(access_log.router)
     app.include_router(audit.router)
+    # The last added runs first: every request is counted, then shed or let in, then limited.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        LoadShedding, max_in_flight=settings.gateway.max_in_flight, metrics=app_metrics
+    )
     app.add_middleware(RequestMetrics, metrics=app_metrics)
     return app

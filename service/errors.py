@@ -1,5 +1,6 @@
 """The service's error tree; one handler turns each into an RFC 9457 problem."""
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -33,6 +34,9 @@ class ServiceError(Exception):
         self.detail = detail
         self.errors = list(errors)
         self.extra = extra or {}
+
+    def response_headers(self) -> Mapping[str, str]:
+        return self.headers
 
 
 class InvalidRequest(ServiceError):
@@ -68,7 +72,34 @@ class Forbidden(ServiceError):
 
 
 class Unavailable(ServiceError):
+    """A dependency or the gateway itself cannot take the request now; retrying later can work."""
+
     status, slug, title = 503, "unavailable", "Service unavailable"
+
+    def __init__(
+        self,
+        detail: str,
+        errors: Sequence[FieldProblem] = (),
+        extra: dict[str, Any] | None = None,
+        retry_after_s: float = 1.0,
+    ) -> None:
+        super().__init__(detail, errors, extra)
+        self.retry_after_s = retry_after_s
+
+    def response_headers(self) -> Mapping[str, str]:
+        # RFC 9110 section 10.2.3: whole seconds; never 0, which would invite a retry storm.
+        return {**self.headers, "Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+    def for_transaction(self, transaction_id: str) -> "Unavailable":
+        """The same problem, naming the transaction the client should retry with."""
+        again = type(self)(
+            f"{self.detail} Retry with the same transaction_id; it is never decided twice.",
+            self.errors,
+            {**self.extra, "transaction_id": transaction_id},
+            self.retry_after_s,
+        )
+        again.__cause__ = self.__cause__ or self
+        return again
 
 
 class BusUnavailable(Unavailable):
@@ -77,3 +108,9 @@ class BusUnavailable(Unavailable):
 
 class StoreUnavailable(Unavailable):
     """The explanation store did not answer."""
+
+
+class Overloaded(Unavailable):
+    """The gateway sheds a request rather than queue it (too many in flight, or too late)."""
+
+    slug, title = "overloaded", "Overloaded"

@@ -24,9 +24,50 @@ class Metrics:
     batch_size: Histogram
     batch_seconds: Histogram
     consumer_lag: Gauge
+    consumer_lag_seconds: Gauge
     freshness_seconds: Histogram
     dead_letters: Counter
     commit_failures: Counter
+    in_flight: Gauge
+    shed: Counter
+    idempotent_replays: Counter
+    claim_write_failures: Counter
+    dependency_up: Gauge
+    spooling: Gauge
+    spool_events: Gauge
+    spool_bytes: Gauge
+    spooled: Counter
+    spool_replayed: Counter
+    spool_refusals: Counter
+    duplicate_events: Counter
+
+
+@dataclass(frozen=True)
+class WorkerProbeMetrics:
+    """What a worker's /healthz and /readyz answer, as gauges (set as functions by the worker).
+
+    Registered by worker processes only, so a gateway never reports a worker that is not ready.
+    """
+
+    ready: Gauge
+    progress_age_seconds: Gauge
+
+
+def create_worker_probe_metrics(registry: CollectorRegistry) -> WorkerProbeMetrics:
+    """Register the worker's probe gauges on `registry` (the one of its `Metrics`)."""
+    return WorkerProbeMetrics(
+        ready=Gauge(
+            "shapstream_worker_ready",
+            "1 when the worker is ready (GET /readyz: consumer in its group, no step failing).",
+            registry=registry,
+        ),
+        progress_age_seconds=Gauge(
+            "shapstream_worker_progress_age_seconds",
+            "Time since the consume loop last completed an iteration (GET /healthz fails past "
+            "SHAPSTREAM_WORKER_STALL_AFTER_S).",
+            registry=registry,
+        ),
+    )
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -86,6 +127,14 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "Events not yet consumed, summed over assigned partitions.",
             registry=reg,
         ),
+        # Set as a function by the event source: it grows while a batch is stuck in retries.
+        consumer_lag_seconds=Gauge(
+            "shapstream_worker_lag_seconds",
+            "Age of the oldest event on this worker's partitions not yet written to the store "
+            "(Kafka record timestamp; enqueue time in the embedded outbox): the batch in flight, "
+            "else the next event to read when behind; 0 when caught up.",
+            registry=reg,
+        ),
         freshness_seconds=Histogram(
             "shapstream_explanation_freshness_seconds",
             "From decision to written explanation.",
@@ -101,6 +150,72 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         commit_failures=Counter(
             "shapstream_commit_failures_total",
             "Offset commits refused (the batch will be redelivered; writes are idempotent).",
+            registry=reg,
+        ),
+        in_flight=Gauge(
+            "shapstream_http_in_flight_requests",
+            "Requests under /v1/ being served now (bounded by SHAPSTREAM_GATEWAY_MAX_IN_FLIGHT).",
+            registry=reg,
+        ),
+        shed=Counter(
+            "shapstream_requests_shed_total",
+            "Requests refused with a 503 instead of queued: overload, deadline, or client gone.",
+            ["reason"],
+            registry=reg,
+        ),
+        idempotent_replays=Counter(
+            "shapstream_idempotent_replays_total",
+            "Repeated caller transaction ids answered with their first answer, by where it was "
+            "found (memory of this gateway, or the store).",
+            ["source"],
+            registry=reg,
+        ),
+        claim_write_failures=Counter(
+            "shapstream_claim_write_failures_total",
+            "Answers to caller ids not recorded in the store (the decision itself is durable).",
+            registry=reg,
+        ),
+        dependency_up=Gauge(
+            "shapstream_dependency_up",
+            "1 while requests are let through to the dependency, 0 while its breaker is open.",
+            ["dependency"],
+            registry=reg,
+        ),
+        spooling=Gauge(
+            "shapstream_spooling",
+            "1 while decisions go to the gateway's local spool because Kafka does not ack.",
+            registry=reg,
+        ),
+        spool_events=Gauge(
+            "shapstream_spool_events",
+            "Decisions in the local spool, waiting to be replayed to Kafka.",
+            registry=reg,
+        ),
+        spool_bytes=Gauge(
+            "shapstream_spool_bytes",
+            "Bytes of the decisions in the local spool (bounded by SHAPSTREAM_SPOOL_MAX_BYTES).",
+            registry=reg,
+        ),
+        spooled=Counter(
+            "shapstream_spooled_total",
+            "Decisions written to the local spool (fsync'd) instead of acknowledged by Kafka.",
+            registry=reg,
+        ),
+        spool_replayed=Counter(
+            "shapstream_spool_replayed_total",
+            "Spooled decisions handed to Kafka (acknowledged) and removed from the spool.",
+            registry=reg,
+        ),
+        spool_refusals=Counter(
+            "shapstream_spool_refusals_total",
+            "Decisions refused (503) because Kafka did not ack and the spool was full.",
+            registry=reg,
+        ),
+        duplicate_events=Counter(
+            "shapstream_duplicate_events_total",
+            "Events whose transaction id a worker had already stored: 'same' (a copy, skipped) "
+            "or 'conflict' (another request under that id, dead-lettered).",
+            ["kind"],
             registry=reg,
         ),
     )

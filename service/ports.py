@@ -1,11 +1,23 @@
 """The two seams of the system: the event bus and the explanation store."""
 
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
 from service.core.access import AccessEntry, ApiKey
 from service.core.records import Claim, DecisionEvent, DecisionRecord, ModelArtifact
+
+
+@dataclass(frozen=True, slots=True)
+class BusStatus:
+    """Whether decisions can be taken now, and whether they wait in a local spool."""
+
+    accepting: bool
+    spooling: bool = False
+    spooled_events: int = 0
+    spooled_bytes: int = 0
+    detail: str = ""
 
 
 class EventBus(Protocol):
@@ -16,6 +28,10 @@ class EventBus(Protocol):
         ...
 
     async def ping(self) -> None: ...
+
+    def status(self) -> BusStatus:
+        """What readiness reports of the bus, without waiting on the network."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -50,11 +66,13 @@ class ExplanationStore(Protocol):
 
     async def get_model(self, version: str) -> ModelArtifact | None: ...
 
-    async def claim(self, claim: Claim) -> Claim | None:
-        """Record `claim` unless the id is taken; return the existing claim if it is."""
+    async def find_claim(self, transaction_id: str) -> Claim | None:
+        """The claim stored for `transaction_id`, if any (a quorum read, no consensus round)."""
         ...
 
-    async def mark_published(self, transaction_id: str) -> None: ...
+    async def put_claim(self, claim: Claim) -> None:
+        """Store `claim` (an idempotent upsert; the last write of an id wins)."""
+        ...
 
     async def write(self, records: Sequence[DecisionRecord]) -> None:
         """Upsert a batch; writing the same records again changes nothing."""

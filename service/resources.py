@@ -6,8 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from service.api.deps import AppState
+from service.core.breaker import CircuitBreaker, Guard
+from service.core.decisions import Decider
+from service.core.idempotency import RecentIds
 from service.core.keys import DevKey, KeyVerifier, ensure_dev_key
 from service.core.registry import ModelRegistry
+from service.errors import StoreUnavailable
 from service.metrics import Metrics
 from service.ports import AccessStore, EventBus, ExplanationStore
 from service.settings import Settings
@@ -28,8 +32,29 @@ async def open_resources(settings: Settings, metrics: Metrics) -> AsyncIterator[
             # Workers load the exact version an event names from here, on any machine.
             await store.put_model(model.artifact())
             log.info("serving %s version %s", model.name, model.version)
-        keys = KeyVerifier(access, settings.security.key_cache_s)
-        yield AppState(settings, registry, bus, store, metrics, access, keys)
+        yield _state(settings, metrics, registry, bus, store, access)
+
+
+def _state(
+    settings: Settings,
+    metrics: Metrics,
+    registry: ModelRegistry,
+    bus: EventBus,
+    store: ExplanationStore,
+    access: AccessStore,
+) -> AppState:
+    gateway = settings.gateway
+    # The embedded store is a local file: only a disk that stopped answering is "stalled".
+    timeout_s = settings.cassandra.fast_timeout_s if settings.mode == "kafka" else 5.0
+    breaker = CircuitBreaker(gateway.store_failures_to_open, gateway.store_open_s)
+    store_guard = Guard("explanation store", breaker, timeout_s, StoreUnavailable)
+    security = settings.security
+    keys = KeyVerifier(access, security.key_cache_s, security.key_stale_s, store_guard)
+    recent = RecentIds(gateway.recent_ids, gateway.recent_ids_ttl_s)
+    decider = Decider(
+        registry, bus, store, store_guard, recent, metrics, gateway.decision_timeout_s
+    )
+    return AppState(settings, registry, bus, store, metrics, access, keys, decider, store_guard)
 
 
 async def _open_kafka_mode(
@@ -38,6 +63,7 @@ async def _open_kafka_mode(
     from service.adapters.cassandra_access import CassandraAccessStore
     from service.adapters.cassandra_store import CassandraStore
     from service.adapters.kafka_bus import KafkaBus, ensure_topics
+    from service.adapters.spool import SpooledKafkaBus
 
     store = await CassandraStore.from_settings(settings)
     stack.push_async_callback(store.close)
@@ -45,7 +71,14 @@ async def _open_kafka_mode(
     access = CassandraAccessStore(store)
     await access.migrate()
     await ensure_topics(settings.kafka)
-    bus = await KafkaBus.open(settings.kafka)
+    kafka = await KafkaBus.open(settings.kafka)
+    try:
+        bus = await SpooledKafkaBus.open(
+            kafka, settings.kafka, settings.spool, settings.spool_dir, metrics
+        )
+    except BaseException:
+        await kafka.close()
+        raise
     stack.push_async_callback(bus.close)
     return bus, store, access
 

@@ -27,7 +27,22 @@ class KafkaSettings(BaseModel):
     replication_factor: int = Field(default=1, ge=1)
     # aiokafka can wait forever on a dead broker (aio-libs/aiokafka#1101): bound every publish.
     publish_timeout_s: float = Field(default=5.0, gt=0)
+    # How long a decision waits for Kafka's acknowledgement before it goes to the local spool
+    # instead (and every decision after it, until the spool has been replayed). Kafka acks in
+    # milliseconds when healthy; waiting longer only turns a broker stall into queued requests.
+    spool_after_s: float = Field(default=0.5, gt=0)
     linger_ms: int = Field(default=0, ge=0)
+
+
+class SpoolSettings(BaseModel):
+    """The gateway's durable local spool, written while Kafka does not acknowledge."""
+
+    enabled: bool = True
+    # One spool per gateway process, on a persistent volume: whatever is in it at a restart is
+    # replayed to Kafka then. Default: <data_dir>/spool.
+    dir: Path | None = None
+    # Past this, decisions are refused (503) instead of spooled; ~1 M decisions of ~1 kB.
+    max_bytes: int = Field(default=1 << 30, ge=1)
 
 
 class CassandraSettings(BaseModel):
@@ -44,6 +59,9 @@ class CassandraSettings(BaseModel):
     day_buckets: int = Field(default=2048, ge=1, le=65536)
     write_concurrency: int = Field(default=64, ge=1)
     request_timeout_s: float = Field(default=10.0, gt=0)
+    # Deadline of the reads and writes a gateway makes while a client waits (claims, API keys):
+    # a stalled node must cost a request a fraction of its own deadline, not the whole of it.
+    fast_timeout_s: float = Field(default=0.5, gt=0)
 
 
 class WorkerSettings(BaseModel):
@@ -51,12 +69,38 @@ class WorkerSettings(BaseModel):
     batch_timeout_ms: int = Field(default=20, ge=0)
     engine: Literal["auto", "pred_contribs"] = "auto"
     model_cache: int = Field(default=8, ge=1)
+    # GET /healthz fails once the consume loop has not completed an iteration (a batch, an
+    # empty poll, a retry attempt) for this long. Legitimate waits are far shorter: retry
+    # back-off caps at 30 s, a commit at 30 s, a store request at its timeout. Raise it if one
+    # batch of your largest model takes longer than this to explain.
+    stall_after_s: float = Field(default=120.0, gt=0)
+    # Transaction ids a worker remembers having stored, to skip later copies of their events
+    # (~250 bytes each): at 1,000 decisions/s, 100,000 cover the last 100 s of the log.
+    first_events: int = Field(default=100_000, ge=0)
 
 
 class SecuritySettings(BaseModel):
     # How long a verified API key is trusted without asking the store again: a revoked key
     # keeps working for at most this long in each gateway process (see service/core/keys.py).
     key_cache_s: float = Field(default=30.0, ge=0)
+    # While the store cannot be asked, a key verified less than this long ago stays trusted,
+    # so an outage of the store does not lock every client out.
+    key_stale_s: float = Field(default=900.0, ge=0)
+
+
+class GatewaySettings(BaseModel):
+    """Load shedding and deadlines of the gateway (see service/api/middleware.py)."""
+
+    # Requests under /v1/ being served at once; above it, 503 with Retry-After at once.
+    max_in_flight: int = Field(default=256, ge=1)
+    # No decision is answered later than this after it arrived: past it, 503 (retry, same id).
+    decision_timeout_s: float = Field(default=2.0, gt=0)
+    # Caller transaction ids answered recently, kept in memory so a repeat costs no store read.
+    recent_ids: int = Field(default=100_000, ge=0)
+    recent_ids_ttl_s: float = Field(default=600.0, gt=0)
+    # The store is given up on after this many failures in a row, for `store_open_s` seconds.
+    store_failures_to_open: int = Field(default=3, ge=1)
+    store_open_s: float = Field(default=1.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -81,6 +125,12 @@ class Settings(BaseSettings):
     cassandra: CassandraSettings = CassandraSettings()
     worker: WorkerSettings = WorkerSettings()
     security: SecuritySettings = SecuritySettings()
+    spool: SpoolSettings = SpoolSettings()
+    gateway: GatewaySettings = GatewaySettings()
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.spool.dir if self.spool.dir is not None else self.data_dir / "spool"
 
     @model_validator(mode="after")
     def _retention_meets_regulation_b(self) -> Self:

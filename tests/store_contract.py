@@ -21,7 +21,6 @@ from service.core.integrity import sealed, verify_record
 from service.core.records import (
     BinaryPrediction,
     Claim,
-    DecisionEvent,
     DecisionRecord,
     Features,
     ModelArtifact,
@@ -190,20 +189,11 @@ def multiclass_record(seed: int = 3) -> DecisionRecord:
 
 
 def claim_for(transaction_id: str, request_hash: str) -> Claim:
-    record = binary_record(transaction_id=transaction_id)
-    event = DecisionEvent(
-        transaction_id=transaction_id,
-        model=record.model,
-        features=record.features,
-        prediction=record.prediction,
-        decided_at=record.decided_at,
-    )
     response = {"transaction_id": transaction_id, "prediction": {"decision": "deny"}}
     return Claim(
         transaction_id=transaction_id,
         request_hash=request_hash,
         response=orjson.dumps(response),
-        event=event.to_bytes(),
     )
 
 
@@ -306,21 +296,33 @@ class StoreContract:
             await store.write([good, bad])
         assert await store.get(good.transaction_id) is None
 
-    async def test_first_claim_wins(self, store: ExplanationStore) -> None:
-        transaction_id = new_id()
-        first = claim_for(transaction_id, "sha256:aaaa")
-        assert await store.claim(first) is None
-        assert await store.claim(claim_for(transaction_id, "sha256:bbbb")) == first
-        assert await store.claim(first) == first
+    async def test_a_record_too_big_to_share_a_request_is_written_with_the_rest(
+        self, store: ExplanationStore
+    ) -> None:
+        small = [binary_record(seed) for seed in range(3)]
+        # ~60 kB of inputs: more than a Cassandra batch may hold, sent on its own.
+        big = binary_record(9).model_copy(
+            update={"features": {**small[0].features, "note": "x" * 60_000}}
+        )
+        await store.write([small[0], big, *small[1:]])
+        for record in [*small, big]:
+            assert await store.get(record.transaction_id) == stored(record)
 
-    async def test_mark_published(self, store: ExplanationStore) -> None:
+    async def test_a_claim_is_found_once_put(self, store: ExplanationStore) -> None:
         transaction_id = new_id()
-        first = claim_for(transaction_id, "sha256:aaaa")
-        assert await store.claim(first) is None
-        await store.mark_published(transaction_id)
-        await store.mark_published(transaction_id)
-        published = first.model_copy(update={"published": True})
-        assert await store.claim(claim_for(transaction_id, "sha256:bbbb")) == published
+        claim = claim_for(transaction_id, "sha256:aaaa")
+        assert await store.find_claim(transaction_id) is None
+        await store.put_claim(claim)
+        await store.put_claim(claim)  # idempotent
+        assert await store.find_claim(transaction_id) == claim
+        assert await store.find_claim(new_id()) is None
+
+    async def test_the_last_claim_of_an_id_wins(self, store: ExplanationStore) -> None:
+        transaction_id = new_id()
+        await store.put_claim(claim_for(transaction_id, "sha256:aaaa"))
+        second = claim_for(transaction_id, "sha256:bbbb")
+        await store.put_claim(second)
+        assert await store.find_claim(transaction_id) == second
 
     async def test_model_round_trip(self, store: ExplanationStore) -> None:
         artifact = model_artifact(f"sha256:{uuid.uuid4().hex}")
@@ -343,14 +345,15 @@ class StoreContract:
             record = binary_record(decided_at=datetime.now(UTC))
             first = claim_for(record.transaction_id, "sha256:aaaa")
             await store.write([record])
-            assert await store.claim(first) is None
+            await store.put_claim(first)
             assert await store.get(record.transaction_id) == stored(record)
+            assert await store.find_claim(record.transaction_id) == first
 
             async def record_gone() -> bool:
                 return await store.get(record.transaction_id) is None
 
             async def claim_free() -> bool:
-                return await store.claim(claim_for(record.transaction_id, "sha256:bbbb")) is None
+                return await store.find_claim(record.transaction_id) is None
 
             await wait_until(record_gone, "the record is still there")
             await wait_until(claim_free, "the claim still holds the id")

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -22,6 +22,8 @@ from service.core.registry import InvalidModel, LoadedModel, ModelRegistry, Unkn
 from service.metrics import Metrics
 from service.ports import ConsumedBatch, EventSource, ExplanationStore
 from service.settings import WorkerSettings
+from workers.first_events import FirstEvents, Identity, Verdict
+from workers.health import WorkerHealth
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,34 @@ PREDICTION_MISMATCH = "prediction-mismatch"
 ADDITIVITY_ERROR = "additivity-error"
 EXPLAIN_FAILED = "explain-failed"
 UNSTORABLE = "unstorable-record"
+# A second request under a transaction id already decided (workers/first_events.py).
+CONFLICTING_ID = "conflicting-transaction-id"
+
+
+@dataclass(frozen=True)
+class Step:
+    """A retried step of a batch: what it does, what it depends on, and what to check."""
+
+    name: str
+    dependency: str
+    hint: str
+
+
+PLAN = Step(
+    "explaining (loading model versions)",
+    "store",
+    "check that the store is reachable and holds the versions the events name",
+)
+DEAD_LETTER = Step(
+    "dead-lettering",
+    "dead-letter topic",
+    "check that Kafka is reachable and the dead-letter topic exists",
+)
+WRITE = Step(
+    "writing to the store",
+    "store",
+    "check that the explanation store (Cassandra) is reachable and migrated",
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +91,10 @@ class _Plan:
     dead: list[tuple[bytes, str]] = field(default_factory=list)
     # The consumed bytes of each event, so a dead letter carries exactly what was published.
     payloads: dict[str, bytes] = field(default_factory=dict)
+    # The first event of each transaction id in the batch, and the later ones set aside.
+    firsts: dict[str, DecisionEvent] = field(default_factory=dict)
+    copies: int = 0
+    conflicts: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,6 +141,7 @@ class ExplainerWorker:
         metrics: Metrics,
         *,
         backoff: Backoff | None = None,
+        health: WorkerHealth | None = None,
     ) -> None:
         self._source = source
         self._store = store
@@ -114,7 +149,9 @@ class ExplainerWorker:
         self._settings = settings
         self._metrics = metrics
         self._backoff = backoff or Backoff()
+        self._health = health or WorkerHealth(settings.stall_after_s)
         self._explainers: OrderedDict[str, _Explainer] = OrderedDict()
+        self._first_events = FirstEvents(settings.first_events)
         self._stop = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -126,6 +163,7 @@ class ExplainerWorker:
             except StopRequestedError:
                 log.info("stopping with a batch uncommitted: it will be redelivered")
                 return
+            self._health.progressed()
 
     async def process_once(self) -> int:
         """Consume, explain, write and commit one batch; return its number of events."""
@@ -136,47 +174,40 @@ class ExplainerWorker:
             return 0
         started = time.perf_counter()
         self._metrics.batch_size.observe(len(batch.payloads))
-        plan = await self._retrying(
-            "explaining (loading model versions)",
-            "check that the store is reachable and holds the versions the events name",
-            lambda: self._plan(batch),
-        )
-        await self._retrying(
-            "dead-lettering",
-            "check that Kafka is reachable and the dead-letter topic exists",
-            lambda: self._send_dead_letters(plan.dead),
-        )
-        await self._retrying(
-            "writing to the store",
-            "check that the explanation store (Cassandra) is reachable and migrated",
-            lambda: self._write(plan),
-        )
+        plan = await self._retrying(PLAN, lambda: self._plan(batch))
+        await self._retrying(DEAD_LETTER, lambda: self._send_dead_letters(plan.dead))
+        await self._retrying(WRITE, lambda: self._write(plan))
+        self._first_events.stored([plan.firsts[r.transaction_id] for r in plan.records])
         await batch.commit()
-        self._observe_written(plan.records)
+        self._observe_written(plan)
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
         return len(batch.payloads)
 
-    async def _retrying(self, step: str, hint: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    async def _retrying(self, step: Step, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run `attempt` until it succeeds; the batch is neither skipped nor committed."""
         failures = 0
         while True:
             try:
-                return await attempt()
+                result = await attempt()
             # The store and bus adapters raise many driver-specific errors, all transient as far
             # as this batch is concerned: retry rather than lose or skip events.
             except Exception as exc:  # noqa: BLE001
+                self._health.step_failed(step.name, step.dependency, step.hint, exc)
                 delay = self._backoff.delay(failures)
                 failures += 1
                 log.warning(
                     "%s failed (attempt %d: %s: %s); retrying the same batch in %.1f s, "
                     "nothing is committed until it succeeds: %s",
-                    step,
+                    step.name,
                     failures,
                     type(exc).__name__,
                     exc,
                     delay,
-                    hint,
+                    step.hint,
                 )
+            else:
+                self._health.step_succeeded()
+                return result
             try:
                 async with asyncio.timeout(delay):
                     await self._stop.wait()
@@ -188,12 +219,27 @@ class ExplainerWorker:
         plan = _Plan()
         events: list[DecisionEvent] = []
         payload_of: dict[int, bytes] = {}
+        identities: dict[str, Identity] = {}
         for payload in batch.payloads:
             try:
                 event = DecisionEvent.from_bytes(payload)
             except ValueError:
                 plan.dead.append((payload, MALFORMED))
                 continue
+            verdict = self._first_events.verdict(event, identities)
+            if verdict is Verdict.SAME:
+                plan.copies += 1
+                continue
+            if verdict is Verdict.CONFLICT:
+                log.warning(
+                    "transaction %s: a later event decides it differently; dead-lettered, the "
+                    "first decision stands",
+                    event.transaction_id,
+                )
+                plan.conflicts += 1
+                plan.dead.append((payload, CONFLICTING_ID))
+                continue
+            plan.firsts[event.transaction_id] = event
             events.append(event)
             payload_of[id(event)] = payload
             plan.payloads[event.transaction_id] = payload
@@ -301,8 +347,12 @@ class ExplainerWorker:
             written.append(record)
         return written
 
-    def _observe_written(self, records: Sequence[DecisionRecord]) -> None:
-        for record in records:
+    def _observe_written(self, plan: _Plan) -> None:
+        if plan.copies:
+            self._metrics.duplicate_events.labels(kind="same").inc(plan.copies)
+        if plan.conflicts:
+            self._metrics.duplicate_events.labels(kind="conflict").inc(plan.conflicts)
+        for record in plan.records:
             self._metrics.explanations.labels(engine=record.engine).inc()
             freshness = _utc(record.explained_at) - _utc(record.decided_at)
             self._metrics.freshness_seconds.observe(max(freshness.total_seconds(), 0.0))

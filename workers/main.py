@@ -3,15 +3,16 @@
 import asyncio
 import logging
 import signal
-
-from prometheus_client import start_http_server
+from contextlib import AsyncExitStack
 
 from service.adapters.cassandra_store import CassandraStore
 from service.adapters.kafka_bus import KafkaSource, ensure_topics
 from service.core.registry import ModelRegistry
-from service.metrics import create_metrics
+from service.metrics import Metrics, create_metrics, create_worker_probe_metrics
 from service.settings import Settings
 from workers.explainer import ExplainerWorker
+from workers.health import WorkerHealth
+from workers.probes import bind, create_probe_app, serving
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,12 @@ def _registry(settings: Settings) -> ModelRegistry:
     return ModelRegistry([], cache_size=settings.worker.model_cache)
 
 
+def _expose(health: WorkerHealth, metrics: Metrics) -> None:
+    probes = create_worker_probe_metrics(metrics.registry)
+    probes.ready.set_function(lambda: float(health.readiness().ok))
+    probes.progress_age_seconds.set_function(health.seconds_since_progress)
+
+
 async def run_worker(
     settings: Settings, *, metrics_port: int | None = None, stop: asyncio.Event | None = None
 ) -> None:
@@ -31,35 +38,39 @@ async def run_worker(
 
     On a signal the batch in flight is finished, written and committed before the consumer
     leaves its group; a batch that cannot be written by then stays uncommitted (redelivered).
+    With `metrics_port`, GET /metrics, /healthz and /readyz are served on it from the start
+    (liveness counts the start-up as progress; readiness waits for the group).
     """
     stop = stop or asyncio.Event()
     metrics = create_metrics()
-    if metrics_port is not None:
-        start_http_server(metrics_port, registry=metrics.registry)
-        log.info("metrics on http://0.0.0.0:%d/metrics", metrics_port)
-    registry = _registry(settings)
-    # Before the first consumer: a consumer on a missing topic would auto-create it with the
-    # broker's default partition count.
-    await ensure_topics(settings.kafka)
-    store = await CassandraStore.from_settings(settings)
-    try:
-        source = await KafkaSource.open(settings.kafka, metrics)
-        try:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            worker = ExplainerWorker(source, store, registry, settings.worker, metrics)
-            log.info(
-                "explaining %s (group %s) into keyspace %s",
-                settings.kafka.topic,
-                settings.kafka.group_id,
-                settings.cassandra.keyspace,
+    health = WorkerHealth(settings.worker.stall_after_s)
+    _expose(health, metrics)
+    async with AsyncExitStack() as stack:
+        if metrics_port is not None:
+            sock = bind(metrics_port)
+            await stack.enter_async_context(
+                serving(create_probe_app(health, metrics.registry), sock)
             )
-            await worker.run(stop)
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                asyncio.get_running_loop().remove_signal_handler(sig)
-            await source.close()
-    finally:
-        await store.close()
+        registry = _registry(settings)
+        # Before the first consumer: a consumer on a missing topic would auto-create it with
+        # the broker's default partition count.
+        await ensure_topics(settings.kafka)
+        store = await CassandraStore.from_settings(settings)
+        stack.push_async_callback(store.close)
+        source = await KafkaSource.open(settings.kafka, metrics)
+        stack.push_async_callback(source.close)
+        health.consumer_started(source.in_group)
+        stack.callback(health.consumer_stopped)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+            stack.callback(loop.remove_signal_handler, sig)
+        worker = ExplainerWorker(source, store, registry, settings.worker, metrics, health=health)
+        log.info(
+            "explaining %s (group %s) into keyspace %s",
+            settings.kafka.topic,
+            settings.kafka.group_id,
+            settings.cassandra.keyspace,
+        )
+        await worker.run(stop)
     log.info("worker stopped")

@@ -19,8 +19,9 @@ fi
 $SERVICES start
 eval "$($SERVICES env)"
 
-echo "==> gateway vs a minimal FastAPI handler"
-$PY -m bench.gateway "$@"
+# Installs MLServer 1.7.1 on first use, outside the checkout (see bench/mlserver.py).
+echo "==> gateway side by side: shapstream (caller ids, service ids), minimal FastAPI, MLServer"
+$PY -m bench.gateway --rounds 3 --seconds 10 --concurrency 16 "$@"
 
-echo "==> end to end: 1,000 decisions/s for 60 s"
-$PY -m bench.e2e --rate 1000 --seconds 60
+echo "==> end to end: 1,000 decisions/s for 60 s, 3 runs"
+$PY -m bench.e2e --rate 1000 --seconds 60 --runs 3

@@ -12,17 +12,24 @@ import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Self
 
-from cassandra import ConsistencyLevel, ProtocolVersion
+from cassandra import (
+    ConsistencyLevel,
+    OperationTimedOut,
+    ProtocolVersion,
+    RequestExecutionException,
+)
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import (
     EXEC_PROFILE_DEFAULT,
     Cluster,
     ExecutionProfile,
+    NoHostAvailable,
     ResponseFuture,
     Session,
 )
@@ -31,6 +38,7 @@ from cassandra.cluster import (
 # warns on import (deprecated module), and the asyncio reactor is marked experimental and calls
 # `asyncio.set_event_loop` on whichever thread opens the first connection.
 from cassandra.concurrent import execute_concurrent
+from cassandra.connection import ConnectionBusy, ConnectionException
 from cassandra.io.libevreactor import LibevConnection
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import (
@@ -41,6 +49,8 @@ from cassandra.query import (
     dict_factory,
 )
 
+from service.adapters.coalesce import Coalescer
+from service.adapters.cql_batches import grouped_batches
 from service.adapters.record_codec import (
     ModelConflictError,
     RecordColumns,
@@ -51,6 +61,7 @@ from service.adapters.record_codec import (
 )
 from service.core.records import Claim, DecisionRecord, ModelArtifact
 from service.core.schema import ModelSchema
+from service.errors import StoreUnavailable
 from service.hosts import parse_host_ports
 from service.settings import CassandraSettings, Settings
 
@@ -142,13 +153,15 @@ CREATE TABLE IF NOT EXISTS {{keyspace}}.decisions_by_day (
     PRIMARY KEY ((model_version, day, bucket), decided_at, txn_id)
 ) WITH CLUSTERING ORDER BY (decided_at ASC, txn_id ASC) AND {_TIME_WINDOWS}"""
 
-CREATE_TRANSACTIONS = """
-CREATE TABLE IF NOT EXISTS {keyspace}.transactions (
+# The answer given for each caller-chosen transaction id (see docs/decision-path.md): written
+# by the gateway once the decision's event is durable, read before deciding a caller's id.
+# Plain writes and quorum reads, no lightweight transaction: a Paxos round cost ~5x a read plus
+# a write here (measured in bench/claims.py).
+CREATE_CLAIMS = """
+CREATE TABLE IF NOT EXISTS {keyspace}.claims (
     txn_id text PRIMARY KEY,
     request_hash text,
-    response blob,
-    event blob,
-    published boolean
+    response blob
 )"""
 
 SCHEMA = (
@@ -156,9 +169,9 @@ SCHEMA = (
     CREATE_MODELS,
     CREATE_DECISIONS_BY_TXN,
     CREATE_DECISIONS_BY_DAY,
-    CREATE_TRANSACTIONS,
+    CREATE_CLAIMS,
 )
-TABLES = ("models", "decisions_by_txn", "decisions_by_day", "transactions")
+TABLES = ("models", "decisions_by_txn", "decisions_by_day", "claims")
 
 INSERT_DECISION_BY_TXN = """
 INSERT INTO {keyspace}.decisions_by_txn (
@@ -178,17 +191,12 @@ SELECT txn_id, model_name, model_version, inputs, prediction, decision, base_val
        additivity_error, engine, decided_at, explained_at, reasons, protected_share, record_hash
 FROM {keyspace}.decisions_by_txn WHERE txn_id = ?"""
 
+# Kept as long as the decision it answers for: a retry years later still gets the same answer.
 INSERT_CLAIM = """
-INSERT INTO {keyspace}.transactions (txn_id, request_hash, response, event, published)
-VALUES (?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?"""
+INSERT INTO {keyspace}.claims (txn_id, request_hash, response) VALUES (?, ?, ?) USING TTL ?"""
 
-# A plain write, not an LWT: it only ever follows a successful claim of the same id. Its client
-# timestamp must beat the claim's Paxos one; clock skew larger than the claim-to-publish gap
-# would lose it, which costs a republish (idempotent), never a decision. The TTL is repeated
-# or the `published` cell would keep the row alive forever.
-UPDATE_PUBLISHED = (
-    "UPDATE {keyspace}.transactions USING TTL ? SET published = true WHERE txn_id = ?"
-)
+# Claims of many ids in one request (the gateway's concurrent requests, coalesced).
+SELECT_CLAIMS = "SELECT txn_id, request_hash, response FROM {keyspace}.claims WHERE txn_id IN ?"
 
 # IF NOT EXISTS keeps the first registration time when a process registers the version again.
 INSERT_MODEL = """
@@ -221,6 +229,21 @@ SELECT_STORAGE_MODE = (
     "SELECT value FROM system_views.settings WHERE name = 'storage_compatibility_mode'"
 )
 SELECT_TABLES = "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s"
+
+# A gateway's claim reads (and writes) go out in requests of up to this many ids, with up to
+# CLAIM_REQUESTS requests in flight: a read waits for no batch to fill, and under load the
+# requests carry many ids each.
+CLAIMS_PER_REQUEST = 64
+CLAIM_REQUESTS = 2
+
+# What the driver raises when the cluster, not the request, is at fault.
+_UNAVAILABLE = (
+    OperationTimedOut,
+    RequestExecutionException,
+    NoHostAvailable,
+    ConnectionException,
+    ConnectionBusy,
+)
 
 
 def parse_hosts(hosts: str) -> list[tuple[str, int]]:
@@ -321,6 +344,16 @@ def bridge(response: ResponseFuture, loop: asyncio.AbstractEventLoop) -> "asynci
     return future
 
 
+@contextmanager
+def unavailable_on_driver_errors() -> Iterator[None]:
+    """Raise the driver's availability errors (timeouts, no host, lost connections) as
+    `StoreUnavailable`, which callers answer with a 503 or retry; anything else is a bug."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable(f"Cassandra did not answer ({type(exc).__name__}).") from exc
+
+
 def _driver_ms(moment: datetime) -> int:
     # The driver hands back naive UTC datetimes rebuilt from float seconds: round, don't floor.
     return round((moment - datetime(1970, 1, 1)) / timedelta(milliseconds=1))
@@ -361,7 +394,7 @@ class _Statements:
     insert_by_day: PreparedStatement
     select_decision: PreparedStatement
     insert_claim: PreparedStatement
-    update_published: PreparedStatement
+    select_claims: PreparedStatement
     insert_model: PreparedStatement
     select_model: PreparedStatement
     select_model_versions: PreparedStatement
@@ -383,8 +416,15 @@ class CassandraStore:
         self._session = session
         self._settings = settings
         self._ttl_s = ttl_seconds(retention)
+        self._fast_timeout_s = settings.fast_timeout_s
         self._statements: _Statements | None = None
         self._prepare_lock = asyncio.Lock()
+        self._claim_reads: Coalescer[str, Claim | None] = Coalescer(
+            self._read_claims, max_batch=CLAIMS_PER_REQUEST, max_in_flight=CLAIM_REQUESTS
+        )
+        self._claim_writes: Coalescer[Claim, None] = Coalescer(
+            self._write_claims, max_batch=CLAIMS_PER_REQUEST, max_in_flight=CLAIM_REQUESTS
+        )
 
     @classmethod
     async def connect(cls, settings: CassandraSettings, retention: timedelta) -> Self:
@@ -460,31 +500,58 @@ class CassandraStore:
             model_bytes=row["model_json"],
         )
 
-    async def claim(self, claim: Claim) -> Claim | None:
-        statements = await self._prepared()
-        values = (
-            claim.transaction_id,
-            claim.request_hash,
-            claim.response,
-            claim.event,
-            claim.published,
-            self._ttl_s,
-        )
-        rows = await self._execute(statements.insert_claim, values)
-        existing = rows[0]
-        if existing["[applied]"]:
-            return None
-        return Claim(
-            transaction_id=existing["txn_id"],
-            request_hash=existing["request_hash"],
-            response=existing["response"],
-            event=existing["event"],
-            published=bool(existing["published"]),
-        )
+    async def find_claim(self, transaction_id: str) -> Claim | None:
+        """One quorum read, shared with the concurrent reads of this process (`Coalescer`)."""
+        return await self._claim_reads.submit(transaction_id)
 
-    async def mark_published(self, transaction_id: str) -> None:
+    async def put_claim(self, claim: Claim) -> None:
+        """One upsert, batched with the concurrent ones of this process."""
+        await self._claim_writes.submit(claim)
+
+    async def _read_claims(self, ids: Sequence[str]) -> dict[str, Claim | None]:
         statements = await self._prepared()
-        await self._execute(statements.update_published, (self._ttl_s, transaction_id))
+        groups: dict[Hashable, list[str]] = {}
+        for txn in ids:
+            groups.setdefault(self._replicas_of(txn.encode()), []).append(txn)
+        pages = await asyncio.gather(
+            *(
+                self._execute(
+                    statements.select_claims, (group,), driver_timeout_s=self._fast_timeout_s
+                )
+                for group in groups.values()
+            )
+        )
+        found: dict[str, Claim | None] = dict.fromkeys(ids)
+        for row in (row for rows in pages for row in rows):
+            found[row["txn_id"]] = Claim(
+                transaction_id=row["txn_id"],
+                request_hash=row["request_hash"],
+                response=row["response"],
+            )
+        return found
+
+    async def _write_claims(self, claims: Sequence[Claim]) -> dict[Claim, None]:
+        statements = await self._prepared()
+        writes = [
+            statements.insert_claim.bind(
+                (claim.transaction_id, claim.request_hash, claim.response, self._ttl_s)
+            )
+            for claim in claims
+        ]
+        await asyncio.gather(
+            *(
+                self._execute(batch, driver_timeout_s=self._fast_timeout_s)
+                for batch in grouped_batches(writes, self._replicas_of)
+            )
+        )
+        return dict.fromkeys(claims)
+
+    def _replicas_of(self, routing_key: bytes) -> Hashable:
+        """The nodes holding a partition key (one group for all when the ring is unknown)."""
+        metadata = self._cluster.metadata
+        if metadata.token_map is None:
+            return None
+        return frozenset(metadata.get_replicas(self.keyspace, routing_key))
 
     async def write(self, records: Sequence[DecisionRecord]) -> None:
         """Upsert each record into both tables, `write_concurrency` statements in flight at most.
@@ -497,19 +564,21 @@ class CassandraStore:
         # Encoded and bound (routing key included) up front: a record the driver cannot
         # encode fails the batch before anything is sent.
         writes = [
-            (write, None)
+            write
             for columns in map(to_columns, records)
             for write in self._record_writes(statements, columns, self._record_ttl(columns, now_ms))
         ]
+        requests = [(batch, None) for batch in grouped_batches(writes, self._replicas_of)]
         # The driver's own concurrent executor, on one thread for the whole batch: bridging
-        # each response to the event loop would wake it twice per record.
-        await asyncio.to_thread(
-            execute_concurrent,
-            self._session,
-            writes,
-            concurrency=self._settings.write_concurrency,
-            raise_on_first_error=True,
-        )
+        # each response to the event loop would wake it twice per request.
+        with unavailable_on_driver_errors():
+            await asyncio.to_thread(
+                execute_concurrent,
+                self._session,
+                requests,
+                concurrency=self._settings.write_concurrency,
+                raise_on_first_error=True,
+            )
 
     async def get(self, transaction_id: str) -> DecisionRecord | None:
         statements = await self._prepared()
@@ -598,6 +667,7 @@ class CassandraStore:
             raise RuntimeError("system.local returned no row")
 
     async def close(self) -> None:
+        await self._claim_writes.close()
         await asyncio.to_thread(self._cluster.shutdown)
 
     async def _check_expiry_limit(self) -> None:
@@ -682,9 +752,8 @@ class CassandraStore:
             insert_by_txn=prepare(INSERT_DECISION_BY_TXN, idempotent=True),
             insert_by_day=prepare(INSERT_DECISION_BY_DAY, idempotent=True),
             select_decision=prepare(SELECT_DECISION, idempotent=True),
-            # A retried LWT could report "not applied" for its own first attempt.
-            insert_claim=prepare(INSERT_CLAIM, idempotent=False),
-            update_published=prepare(UPDATE_PUBLISHED, idempotent=True),
+            insert_claim=prepare(INSERT_CLAIM, idempotent=True),
+            select_claims=prepare(SELECT_CLAIMS, idempotent=True),
             insert_model=prepare(INSERT_MODEL, idempotent=False),
             select_model=prepare(SELECT_MODEL, idempotent=True),
             select_model_versions=prepare(SELECT_MODEL_VERSIONS, idempotent=True),
@@ -700,9 +769,10 @@ class CassandraStore:
     ) -> list[dict[str, Any]]:
         """Send through the driver; the profile's timeout applies unless one is given."""
         loop = asyncio.get_running_loop()
-        if driver_timeout_s is None:
-            response = self._session.execute_async(statement, values)
-        else:
-            response = self._session.execute_async(statement, values, timeout=driver_timeout_s)
-        rows: list[dict[str, Any]] | None = await bridge(response, loop)
+        with unavailable_on_driver_errors():
+            if driver_timeout_s is None:
+                response = self._session.execute_async(statement, values)
+            else:
+                response = self._session.execute_async(statement, values, timeout=driver_timeout_s)
+            rows: list[dict[str, Any]] | None = await bridge(response, loop)
         return rows or []

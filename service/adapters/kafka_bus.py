@@ -20,9 +20,11 @@ from aiokafka.errors import (
     for_code,
 )
 
+from service.adapters.kafka_backlog import OldestUnwritten
 from service.core.records import DecisionEvent
 from service.errors import BusUnavailable
 from service.metrics import Metrics
+from service.ports import BusStatus
 from service.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,11 @@ async def _start_or_stop(producer: AIOKafkaProducer) -> AIOKafkaProducer:
         await producer.stop()
         raise
     return producer
+
+
+def _swallow(fut: "asyncio.Future[Any]") -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _report_late(transaction_id: str) -> Callable[["asyncio.Future[Any]"], None]:
@@ -116,24 +123,47 @@ class KafkaBus:
 
         Cancelling the wait does not cancel a send already queued: after `BusUnavailable` the
         event may still reach Kafka. A retry with the same transaction id is safe either way:
-        the gateway answers a repeated id with its first decision, and workers' writes are
-        idempotent upserts by transaction id, so a second copy of the event changes nothing.
+        the gateway answers a repeated id with its first decision, and a worker meeting an
+        event again skips it (workers/explainer.py), so a second copy changes nothing.
         """
+        key = event.transaction_id.encode()
+        await self.send(key, event.to_bytes(), self._settings.publish_timeout_s)
+
+    async def send(self, key: bytes, value: bytes, timeout_s: float) -> None:
+        """Send one event and wait up to `timeout_s` for its acknowledgement."""
         sent: asyncio.Future[Any] | None = None
         try:
-            async with asyncio.timeout(self._settings.publish_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 producer = await self._started()
-                sent = await producer.send(
-                    self._settings.topic,
-                    value=event.to_bytes(),
-                    key=event.transaction_id.encode(),
-                )
+                sent = await producer.send(self._settings.topic, value=value, key=key)
                 # Shielded: on the deadline we stop waiting, but the future keeps its result.
                 await asyncio.shield(sent)
         except (TimeoutError, KafkaError) as exc:
             if sent is not None and not sent.done():
-                sent.add_done_callback(_report_late(event.transaction_id))
+                sent.add_done_callback(_report_late(key.decode(errors="replace")))
             raise BusUnavailable("the event bus did not acknowledge the decision in time") from exc
+
+    async def send_many(self, events: Sequence[tuple[bytes, bytes]], timeout_s: float) -> None:
+        """Send (key, value) pairs in order and wait for every acknowledgement.
+
+        The idempotent producer keeps the order of one partition's events; all are queued
+        before any is awaited, so they travel in a few produce requests, not one each.
+        """
+        pending: list[asyncio.Future[Any]] = []
+        try:
+            async with asyncio.timeout(timeout_s):
+                producer = await self._started()
+                for key, value in events:
+                    pending.append(await producer.send(self._settings.topic, value=value, key=key))
+                await asyncio.gather(*(asyncio.shield(sent) for sent in pending))
+        except (TimeoutError, KafkaError) as exc:
+            for sent in pending:
+                # Taken, so an abandoned future's error is not logged as never retrieved.
+                sent.add_done_callback(_swallow)
+            raise BusUnavailable("Kafka did not acknowledge the replayed events in time") from exc
+
+    def status(self) -> BusStatus:
+        return BusStatus(accepting=True)
 
     async def ping(self) -> None:
         """Raise `BusUnavailable` unless the cluster returns its metadata within the deadline."""
@@ -211,6 +241,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._source._on_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._source._on_assigned()
         log.info("assigned partitions %s", sorted((tp.topic, tp.partition) for tp in assigned))
 
 
@@ -238,6 +269,15 @@ class KafkaSource:
         # Set while no batch is between `next_batch` and its `commit`.
         self._idle = asyncio.Event()
         self._idle.set()
+        # Between an assignment and the next revocation (or the stop), for readiness.
+        self._in_group = False
+        # The backlog's age, read at scrape time so it keeps growing while a batch is retried.
+        self._unwritten = OldestUnwritten()
+        metrics.consumer_lag_seconds.set_function(self._unwritten.age_s)
+        # Per partition of the batch in flight: its last record's timestamp (ms); and the
+        # partitions that had more events than that batch took, as of its fetch.
+        self._newest_ms: dict[TopicPartition, int] = {}
+        self._behind: set[TopicPartition] = set()
 
     @classmethod
     async def open(
@@ -282,6 +322,10 @@ class KafkaSource:
         assigned: set[TopicPartition] = self._consumer.assignment()
         return assigned
 
+    def in_group(self) -> bool:
+        """Whether this member holds its group's current assignment (which may be empty)."""
+        return self._in_group
+
     async def next_batch(self, max_events: int, timeout_s: float) -> KafkaBatch | None:
         """Up to `max_events` events, waiting up to `timeout_s`; None when none arrived."""
         # Asking again means the previous batch was given up uncommitted (it will be redelivered
@@ -292,6 +336,7 @@ class KafkaSource:
         )
         payloads: list[bytes] = []
         offsets: dict[TopicPartition, int] = {}
+        first_ms: dict[TopicPartition, int] = {}
         for tp, records in fetched.items():
             for record in records:
                 value: bytes = record.value if record.value is not None else b""
@@ -301,29 +346,41 @@ class KafkaSource:
                 )
             if records:
                 offsets[tp] = records[-1].offset + 1
-        await self._update_lag()
+                # A negative timestamp is a record without one (pre-0.10 message format).
+                if records[0].timestamp >= 0:
+                    first_ms[tp] = records[0].timestamp
+                    self._newest_ms[tp] = max(records[0].timestamp, records[-1].timestamp)
+        self._unwritten.fetched(first_ms)
+        await self._update_lag(set(offsets))
         if not payloads:
             return None
         self._in_flight = payloads
         self._idle.clear()
         return KafkaBatch(self, payloads, offsets)
 
-    async def _update_lag(self) -> None:
+    async def _update_lag(self, in_batch: set[TopicPartition]) -> None:
         # Highwaters first, without awaiting: the assignment cannot change in between.
         highwaters = {tp: self._consumer.highwater(tp) for tp in self._consumer.assignment()}
-        lag = 0
+        remaining: dict[TopicPartition, int] = {}
         try:
             for tp, highwater in highwaters.items():
                 if highwater is None:
                     # Not fetched yet: the lag of this partition is unknown, not zero.
                     continue
-                lag += max(0, highwater - await self._consumer.position(tp))
+                remaining[tp] = max(0, highwater - await self._consumer.position(tp))
         except IllegalStateError:
             # Rebalanced while counting: keep the previous value.
             return
-        self._metrics.consumer_lag.set(lag)
+        self._metrics.consumer_lag.set(sum(remaining.values()))
+        self._behind = {tp for tp, left in remaining.items() if left > 0}
+        self._unwritten.caught_up(
+            tp for tp, left in remaining.items() if left == 0 and tp not in in_batch
+        )
 
     async def _commit(self, batch: KafkaBatch) -> None:
+        # Called once the batch is in the store: its events leave the backlog whatever the
+        # commit's fate (a refused commit only means they will be written again, elsewhere).
+        self._unwritten.written(self._newest_ms, self._behind)
         try:
             async with asyncio.timeout(COMMIT_TIMEOUT_S):
                 await self._consumer.commit(batch.offsets)
@@ -338,9 +395,15 @@ class KafkaSource:
     def _forget_batch(self) -> None:
         self._origins.clear()
         self._in_flight = []
+        self._newest_ms = {}
         self._idle.set()
 
+    def _on_assigned(self) -> None:
+        self._in_group = True
+
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Out of the group until the rebalance assigns partitions again.
+        self._in_group = False
         # Let the in-flight batch be written and committed while we still own its partitions.
         try:
             async with asyncio.timeout(self._revoke_wait_s):
@@ -351,6 +414,9 @@ class KafkaSource:
                 "it will be redelivered to the partitions' next owner",
                 self._revoke_wait_s,
             )
+        # Their backlog is the next owner's to report (even if a late commit comes back here).
+        self._behind -= revoked
+        self._unwritten.forget(revoked)
         log.info("revoked partitions %s", sorted((tp.topic, tp.partition) for tp in revoked))
 
     async def dead_letter(self, payload: bytes, reason: str) -> None:
@@ -381,6 +447,8 @@ class KafkaSource:
         """Leave the group (so partitions move at once) and flush the dead-letter producer."""
         # Whatever is in flight now stays uncommitted; a rebalance must not wait for it.
         self._idle.set()
+        self._in_group = False
+        self._unwritten.clear()
         try:
             await self._consumer.stop()
         finally:

@@ -4,49 +4,29 @@ For the single-process demo only. Kafka paths are always tested against Kafka.
 """
 
 import asyncio
-import sqlite3
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
+from service.adapters.outbox import Entry, Outbox, OutboxClosed
 from service.core.records import DecisionEvent
 from service.errors import BusUnavailable
 from service.metrics import Metrics
+from service.ports import BusStatus
 from service.settings import Settings
 
 OUTBOX_FILE = "outbox.sqlite3"
 
-_SCHEMA = (
-    """
-    CREATE TABLE IF NOT EXISTS outbox (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        transaction_id TEXT NOT NULL,
-        payload BLOB NOT NULL,
-        enqueued_at REAL NOT NULL
-    )
-    """,
-    """
-    CREATE TABLE IF NOT EXISTS dead_letters (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        reason TEXT NOT NULL,
-        payload BLOB NOT NULL,
-        dead_at REAL NOT NULL
-    )
-    """,
-)
-_INSERT_EVENT = "INSERT INTO outbox (transaction_id, payload, enqueued_at) VALUES (?, ?, ?)"
-_SELECT_AFTER = "SELECT seq, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?"
-_DELETE_SEQS = "DELETE FROM outbox WHERE seq IN ({marks})"
-# Well under SQLite's limit on bound parameters per statement.
-_DELETE_CHUNK = 500
-_COUNT_PENDING = "SELECT count(*) FROM outbox"
+_CREATE_DEAD = """
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    reason TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    dead_at REAL NOT NULL
+)"""
 _INSERT_DEAD = "INSERT INTO dead_letters (reason, payload, dead_at) VALUES (?, ?, ?)"
 _SELECT_DEAD = "SELECT reason, payload FROM dead_letters ORDER BY seq"
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,89 +35,67 @@ class DeadLetter:
     payload: bytes
 
 
-def _delete_rows(conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
-    # One transaction, so a batch is acknowledged entirely or not at all.
-    with conn:
-        conn.execute("BEGIN IMMEDIATE")
-        for start in range(0, len(seqs), _DELETE_CHUNK):
-            chunk = seqs[start : start + _DELETE_CHUNK]
-            conn.execute(_DELETE_SEQS.format(marks=",".join("?" * len(chunk))), chunk)
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    # Autocommit mode: every statement is its own transaction, so a returned publish is on disk.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    # FULL fsyncs each commit: an acknowledged event survives a power cut, not only a crash.
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=5000")
-    for statement in _SCHEMA:
-        conn.execute(statement)
-    return conn
-
-
 class LocalBatch:
     """Outbox rows handed to the worker; `commit` deletes them."""
 
-    def __init__(self, bus: "LocalBus", seqs: list[int], payloads: list[bytes]) -> None:
+    def __init__(self, bus: "LocalBus", entries: list[Entry]) -> None:
         self._bus = bus
-        self._seqs = seqs
-        self._payloads = payloads
+        self._entries = entries
+        self._payloads = [e.payload for e in entries]
 
     @property
     def payloads(self) -> Sequence[bytes]:
         return self._payloads
 
     async def commit(self) -> None:
-        await self._bus._delete(self._seqs)
+        await self._bus._delete(self._entries)
 
 
 class LocalBus:
-    """Both sides of the embedded bus (EventBus and EventSource) over one SQLite file.
+    """Both sides of the embedded bus (EventBus and EventSource) over one outbox file.
 
     One process owns the file: the gateway publishes into it, the in-process worker drains it.
     Like a Kafka consumer, rows handed out but not committed are not handed out again by this
-    object; they are redelivered after a restart. `metrics` feeds the consumer lag gauge only:
+    object; they are redelivered after a restart. `metrics` feeds the consumer lag gauges only:
     publishes are counted by the caller.
     """
 
-    def __init__(self, conn: sqlite3.Connection, metrics: Metrics | None = None) -> None:
-        self._conn = conn
+    def __init__(self, outbox: Outbox, metrics: Metrics | None = None) -> None:
+        self._outbox = outbox
         self._metrics = metrics
-        # One thread owns every SQLite call: the event loop never waits on disk, and the
-        # connection is never used from two threads at once.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-bus")
         self._wakeup = asyncio.Event()
         self._delivered_up_to = 0
         self._closed = False
+        # When the oldest event not yet written was published, as of the last fetch or commit.
+        self._oldest_at: float | None = None
+        if metrics is not None:
+            # Read at scrape time, so it keeps growing while a batch is retried.
+            metrics.consumer_lag_seconds.set_function(self._lag_seconds)
 
     @classmethod
     async def open(cls, path: Path, metrics: Metrics | None = None) -> "LocalBus":
         """Open (creating if needed) the outbox at `path`."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = await asyncio.to_thread(_connect, path)
-        return cls(conn, metrics)
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
-            raise BusUnavailable("the embedded outbox is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, self._conn)
-
-    async def _rows(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-        return await self._run(lambda c: c.execute(sql, params).fetchall())
+        outbox = await Outbox.open(path)
+        await outbox.execute(_CREATE_DEAD)
+        return cls(outbox, metrics)
 
     async def publish(self, event: DecisionEvent) -> None:
-        """Store the event durably, then wake the consumer."""
-        row = (event.transaction_id, event.to_bytes(), time.time())
+        """Store the event durably (group-committed with concurrent publishes), then wake the
+        consumer."""
         try:
-            await self._run(lambda c: c.execute(_INSERT_EVENT, row))
-        except sqlite3.Error as exc:
+            await self._outbox.append(event.transaction_id, event.to_bytes(), time.time())
+        except OutboxClosed as exc:
+            raise BusUnavailable("the embedded outbox is closed") from exc
+        # sqlite3 errors and I/O errors alike: the event is not stored, the client may retry.
+        except Exception as exc:
             raise BusUnavailable("the embedded outbox could not store the event") from exc
         self._wakeup.set()
 
     async def ping(self) -> None:
-        await self._run(lambda c: c.execute("SELECT 1").fetchone())
+        await self._outbox.execute("SELECT 1")
+
+    def status(self) -> BusStatus:
+        return BusStatus(accepting=not self._closed)
 
     async def next_batch(self, max_events: int, timeout_s: float) -> LocalBatch | None:
         """Up to `max_events` oldest undelivered events, waiting up to `timeout_s` for one."""
@@ -146,11 +104,11 @@ class LocalBus:
         while True:
             # Clear before reading: a publish landing after the read sets it again.
             self._wakeup.clear()
-            rows = await self._rows(_SELECT_AFTER, (self._delivered_up_to, max_events))
-            if rows:
-                self._delivered_up_to = rows[-1][0]
-                await self._update_lag()
-                return LocalBatch(self, [r[0] for r in rows], [r[1] for r in rows])
+            entries = await self._outbox.read(self._delivered_up_to, max_events)
+            if entries:
+                self._delivered_up_to = entries[-1].seq
+                self._update_lag(entries[0])
+                return LocalBatch(self, entries)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
@@ -160,37 +118,42 @@ class LocalBus:
             except TimeoutError:
                 return None
 
-    async def _delete(self, seqs: list[int]) -> None:
-        if seqs:
-            await self._run(lambda c: _delete_rows(c, seqs))
-        await self._update_lag()
+    async def _delete(self, entries: list[Entry]) -> None:
+        await self._outbox.delete(entries)
+        # Written events are deleted, so the first one stored is the oldest not yet written:
+        # one row by primary key, and only when something is left and someone reads the gauge.
+        wanted = self._metrics is not None and self._outbox.count > 0
+        first = await self._outbox.read(0, 1) if wanted else []
+        self._update_lag(first[0] if first else None)
 
-    async def _update_lag(self) -> None:
+    def _update_lag(self, oldest: Entry | None) -> None:
         if self._metrics is None:
             return
-        self._metrics.consumer_lag.set(await self.pending())
+        self._metrics.consumer_lag.set(self._outbox.count)
+        self._oldest_at = oldest.enqueued_at if oldest is not None else None
+
+    def _lag_seconds(self) -> float:
+        if self._oldest_at is None:
+            return 0.0
+        return max(0.0, time.time() - self._oldest_at)
 
     async def dead_letter(self, payload: bytes, reason: str) -> None:
-        row = (reason, payload, time.time())
-        await self._run(lambda c: c.execute(_INSERT_DEAD, row))
+        await self._outbox.execute(_INSERT_DEAD, (reason, payload, time.time()))
 
     async def dead_letters(self) -> list[DeadLetter]:
         """Everything dead-lettered so far, oldest first (for inspection and tests)."""
-        rows = await self._rows(_SELECT_DEAD)
+        rows = await self._outbox.execute(_SELECT_DEAD)
         return [DeadLetter(reason=r, payload=p) for r, p in rows]
 
     async def pending(self) -> int:
         """Events stored and not yet committed by a consumer."""
-        rows = await self._rows(_COUNT_PENDING)
-        return int(rows[0][0])
+        return await self._outbox.stored()
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._conn.close)
-        self._executor.shutdown(wait=True)
+        await self._outbox.close()
 
 
 async def open_local_bus(settings: Settings, metrics: Metrics | None = None) -> LocalBus:

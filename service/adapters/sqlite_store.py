@@ -70,17 +70,15 @@ CREATE TABLE IF NOT EXISTS decisions (
 CREATE_DECISIONS_BY_TIME = """
 CREATE INDEX IF NOT EXISTS decisions_by_version_time ON decisions (model_version, decided_at_ms)"""
 
-CREATE_TRANSACTIONS = """
-CREATE TABLE IF NOT EXISTS transactions (
+CREATE_CLAIMS = """
+CREATE TABLE IF NOT EXISTS claims (
     txn_id TEXT PRIMARY KEY,
     request_hash TEXT NOT NULL,
     response BLOB NOT NULL,
-    event BLOB NOT NULL,
-    published INTEGER NOT NULL,
     expires_at_ms INTEGER NOT NULL
 )"""
 
-SCHEMA = (CREATE_MODELS, CREATE_DECISIONS, CREATE_DECISIONS_BY_TIME, CREATE_TRANSACTIONS)
+SCHEMA = (CREATE_MODELS, CREATE_DECISIONS, CREATE_DECISIONS_BY_TIME, CREATE_CLAIMS)
 
 # REPLACE is an upsert here (no triggers, no foreign keys): the same record twice is one row.
 UPSERT_DECISION = """
@@ -97,19 +95,13 @@ SELECT txn_id, model_name, model_version, inputs, prediction, decision, base_val
        record_hash
 FROM decisions WHERE txn_id = ? AND expires_at_ms > ?"""
 
+# An upsert, as in Cassandra: the last write of an id wins.
+UPSERT_CLAIM = """
+INSERT OR REPLACE INTO claims (txn_id, request_hash, response, expires_at_ms) VALUES (?, ?, ?, ?)"""
+
 # An expired claim no longer holds its id, as in Cassandra once the TTL has passed.
-DELETE_EXPIRED_CLAIM = "DELETE FROM transactions WHERE txn_id = ? AND expires_at_ms <= ?"
-
-INSERT_CLAIM = """
-INSERT OR IGNORE INTO transactions (
-    txn_id, request_hash, response, event, published, expires_at_ms
-) VALUES (?, ?, ?, ?, ?, ?)"""
-
 SELECT_CLAIM = """
-SELECT txn_id, request_hash, response, event, published FROM transactions WHERE txn_id = ?"""
-
-UPDATE_PUBLISHED = """
-UPDATE transactions SET published = 1 WHERE txn_id = ? AND expires_at_ms > ?"""
+SELECT request_hash, response FROM claims WHERE txn_id = ? AND expires_at_ms > ?"""
 
 # No expiry on models: a version in use for years must outlive every decision it explains.
 INSERT_MODEL = """
@@ -229,11 +221,17 @@ class SqliteStore:
             name=name, version=version, schema_bytes=schema_json, model_bytes=model_json
         )
 
-    async def claim(self, claim: Claim) -> Claim | None:
-        return await self._run(self._claim, claim, _now_ms())
+    async def find_claim(self, transaction_id: str) -> Claim | None:
+        row = await self._run(self._fetch_one, SELECT_CLAIM, (transaction_id, _now_ms()))
+        if row is None:
+            return None
+        request_hash, response = row
+        return Claim(transaction_id=transaction_id, request_hash=request_hash, response=response)
 
-    async def mark_published(self, transaction_id: str) -> None:
-        await self._run(self._connection.execute, UPDATE_PUBLISHED, (transaction_id, _now_ms()))
+    async def put_claim(self, claim: Claim) -> None:
+        expires_at_ms = _now_ms() + self._retention_ms
+        row = (claim.transaction_id, claim.request_hash, claim.response, expires_at_ms)
+        await self._run(self._connection.execute, UPSERT_CLAIM, row)
 
     async def write(self, records: Sequence[DecisionRecord]) -> None:
         """Upsert a batch in one transaction; writing the same records again changes nothing."""
@@ -312,33 +310,6 @@ class SqliteStore:
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
         with _transaction(self._connection):
             self._connection.executemany(UPSERT_DECISION, rows)
-
-    def _claim(self, claim: Claim, now_ms: int) -> Claim | None:
-        with _transaction(self._connection):
-            self._connection.execute(DELETE_EXPIRED_CLAIM, (claim.transaction_id, now_ms))
-            inserted = self._connection.execute(
-                INSERT_CLAIM,
-                (
-                    claim.transaction_id,
-                    claim.request_hash,
-                    claim.response,
-                    claim.event,
-                    claim.published,
-                    now_ms + self._retention_ms,
-                ),
-            )
-            if inserted.rowcount == 1:
-                return None
-            txn_id, request_hash, response, event, published = self._connection.execute(
-                SELECT_CLAIM, (claim.transaction_id,)
-            ).fetchone()
-        return Claim(
-            transaction_id=txn_id,
-            request_hash=request_hash,
-            response=response,
-            event=event,
-            published=bool(published),
-        )
 
     def _put_model(self, artifact: ModelArtifact, feature_names: list[str], now_ms: int) -> None:
         with _transaction(self._connection):

@@ -5,6 +5,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.core.breaker import Guard
+from service.core.decisions import Decider
 from service.core.keys import KeyVerifier
 from service.core.registry import ModelRegistry
 from service.metrics import Metrics
@@ -23,6 +25,9 @@ class AppState:
     metrics: Metrics
     access: AccessStore
     keys: KeyVerifier
+    decider: Decider
+    # Deadline and circuit breaker of the store calls made while a client waits.
+    store_guard: Guard
 
 
 async def get_state(request: Request) -> AppState:

@@ -54,6 +54,40 @@ class _TooLarge(HTTPException):
         super().__init__(413, f"The request body is larger than {max_bytes} bytes.")
 
 
+class LoadShedding:
+    """Bound the requests under /v1/ served at once; above the bound, answer 503 at once.
+
+    Queueing past the bound would only make every request late: the SRE book's "Handling
+    Overload" advice, and what stops a stall of a dependency from turning into minutes of
+    queued work once it is over. Health, readiness and metrics are never shed.
+    """
+
+    def __init__(self, app: ASGIApp, max_in_flight: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.metrics = metrics
+        self.in_flight = 0
+        metrics.in_flight.set_function(lambda: self.in_flight)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            self.metrics.shed.labels(reason="overload").inc()
+            detail = f"The gateway is serving {self.max_in_flight} requests already."
+            response = problem_response(
+                503, "overloaded", "Overloaded", detail, headers={"Retry-After": "1"}
+            )
+            await response(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 class RequestMetrics:
     """Count and time requests by route template (never by raw path: unbounded labels)."""
 

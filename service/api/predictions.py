@@ -2,14 +2,15 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from starlette.responses import Response
 
 from service.api.auth import AUTH_RESPONSES, require_scope
 from service.api.deps import State
 from service.core.access import Scope
-from service.core.decisions import Decider, DecisionResponse
+from service.core.decisions import DecisionResponse
+from service.errors import Overloaded
 
 router = APIRouter(tags=["predictions"])
 
@@ -38,12 +39,18 @@ class PredictionRequest(BaseModel):
         **AUTH_RESPONSES,
         409: {"description": "transaction_id reused for a different request"},
         422: {"description": "invalid features"},
-        503: {"description": "the event bus did not acknowledge; retry with the same id"},
+        503: {
+            "description": "overloaded, or a dependency did not answer in time; retry after "
+            "Retry-After seconds with the same transaction_id (it is never decided twice)"
+        },
     },
 )
-async def predict(body: PredictionRequest, state: State) -> Response:
+async def predict(body: PredictionRequest, state: State, request: Request) -> Response:
     """Decide, and guarantee the decision's explanation will be stored."""
-    decider = Decider(state.registry, state.bus, state.store, state.metrics)
-    decision = await decider.decide(body.features, body.model, body.transaction_id)
-    # Serialised once with orjson; FastAPI would validate and encode the model again.
-    return Response(decision.to_bytes(), media_type="application/json")
+    if await request.is_disconnected():
+        # Its client gave up while the request waited its turn: nobody would read the answer.
+        state.metrics.shed.labels(reason="client-gone").inc()
+        raise Overloaded("The client disconnected before the decision was made.")
+    answer = await state.decider.decide(body.features, body.model, body.transaction_id)
+    # Bytes as first answered (orjson); FastAPI would validate and encode the model again.
+    return Response(answer, media_type="application/json")

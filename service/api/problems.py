@@ -78,7 +78,7 @@ def _validation_problem(exc: RequestValidationError) -> Response:
 async def _on_service_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
     return problem_response(
-        exc.status, exc.slug, exc.title, exc.detail, exc.errors, exc.extra, exc.headers
+        exc.status, exc.slug, exc.title, exc.detail, exc.errors, exc.extra, exc.response_headers()
     )
 
 

@@ -5,23 +5,36 @@ from typing import Annotated
 import typer
 
 MetricsPort = Annotated[
-    int | None, typer.Option(help="Serve Prometheus metrics on this port (off when omitted).")
+    int | None,
+    typer.Option(
+        help="Serve GET /metrics (Prometheus), /healthz (liveness: the consume loop makes "
+        "progress) and /readyz (readiness: in its consumer group, no store or dead-letter step "
+        "failing) on this port, all interfaces; off when omitted."
+    ),
 ]
 
 
 def worker(metrics_port: MetricsPort = None) -> None:
-    """Explain decisions from Kafka into Cassandra until SIGTERM (SHAPSTREAM_* settings)."""
+    """Explain decisions from Kafka into Cassandra until SIGTERM (SHAPSTREAM_* settings).
+
+    Liveness fails after SHAPSTREAM_WORKER_STALL_AFTER_S (default 120) seconds without progress.
+    """
     import asyncio
 
     from service.cli.preflight import require_servers
     from service.logs import configure_logging
     from service.settings import Settings
     from workers.main import run_worker
+    from workers.probes import PortUnavailable
 
     settings = Settings(mode="kafka")
     require_servers(settings)
     configure_logging()
-    asyncio.run(run_worker(settings, metrics_port=metrics_port))
+    try:
+        asyncio.run(run_worker(settings, metrics_port=metrics_port))
+    except PortUnavailable as exc:
+        typer.echo(f"shapstream: {exc}. Choose another --metrics-port.", err=True)
+        raise typer.Exit(1) from None
 
 
 def worker_app() -> typer.Typer:

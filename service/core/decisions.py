@@ -1,16 +1,28 @@
-"""Deciding: validate, score, publish once per transaction id, answer."""
+"""Deciding: validate, score, publish durably, answer; once per caller transaction id.
 
+A caller's transaction id is decided at most once without a consensus round per request
+(docs/decision-path.md): this process's memory of recent ids answers repeats and merges
+concurrent ones; otherwise one quorum read of the id's claim tells a first request from a
+repeat; a first request is published (Kafka, or the spool: durable either way) and its answer
+then written as the id's claim. Kafka's order settles the rare race the read cannot see:
+workers keep the first event of an id and skip or dead-letter later ones.
+"""
+
+import asyncio
 import hashlib
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from service.core.breaker import Guard
+from service.core.engine.base import FloatMatrix
+from service.core.idempotency import RecentIds
 from service.core.records import Claim, DecisionEvent, ModelRef, Prediction, Wire
 from service.core.registry import InvalidFeatures, LoadedModel, ModelRegistry, UnknownModel
-from service.errors import BusUnavailable, Conflict, FieldProblem, InvalidRequest
+from service.errors import Conflict, FieldProblem, InvalidRequest, Overloaded, Unavailable
 from service.metrics import Metrics
 from service.ports import EventBus, ExplanationStore
 
@@ -33,43 +45,55 @@ def request_hash(features: Mapping[str, Any], model: str | None) -> str:
 
 
 class Decider:
-    """Turns one request into one decision, published exactly once per transaction id."""
+    """Turns requests into decisions, each published durably and at most once per caller id.
+
+    One per gateway process: it holds the memory of recent ids.
+    """
 
     def __init__(
         self,
         registry: ModelRegistry,
         bus: EventBus,
         store: ExplanationStore,
+        store_guard: Guard,
+        recent: RecentIds,
         metrics: Metrics,
+        timeout_s: float,
     ) -> None:
         self._registry = registry
         self._bus = bus
         self._store = store
+        self._store_guard = store_guard
+        self._recent = recent
         self._metrics = metrics
+        self._timeout_s = timeout_s
 
     async def decide(
         self,
         features: Mapping[str, Any],
         model_name: str | None,
         transaction_id: str | None,
-    ) -> DecisionResponse:
+    ) -> bytes:
+        """The answer's bytes: a new decision, or the first answer given for a repeated id."""
         model = self._model(model_name)
-        prediction = _score(model, features)
-        txn = transaction_id or uuid.uuid4().hex
-        event = DecisionEvent(
-            transaction_id=txn,
-            model=ModelRef(name=model.name, version=model.version),
-            features=dict(features),
-            prediction=prediction,
-            decided_at=datetime.now(UTC),
-        )
-        response = DecisionResponse(transaction_id=txn, model=event.model, prediction=prediction)
+        x = _encode(model, features)
         fingerprint = request_hash(features, model_name)
-        if transaction_id is None:
-            # A fresh uuid cannot collide: the claim is needed only if the client must retry.
-            await self._publish_or_claim(event, _claim(event, response, fingerprint))
-            return response
-        return await self._decide_once(event, _claim(event, response, fingerprint), response)
+        txn = transaction_id or uuid.uuid4().hex
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                if transaction_id is None:
+                    # A fresh uuid cannot repeat: no claim to read or write.
+                    decided = _new_claim(model, features, x, txn, fingerprint)
+                    await self._publish(decided.event)
+                    return decided.response
+                return await self._decide_once(model, features, x, txn, fingerprint)
+        except TimeoutError as exc:
+            self._metrics.shed.labels(reason="deadline").inc()
+            raise Overloaded(
+                f"No decision within {self._timeout_s} s.", extra={"transaction_id": txn}
+            ) from exc
+        except Unavailable as exc:
+            raise exc.for_transaction(txn) from exc
 
     def _model(self, name: str | None) -> LoadedModel:
         try:
@@ -77,71 +101,126 @@ class Decider:
         except UnknownModel as exc:
             raise InvalidRequest(str(exc), [FieldProblem("model", str(exc))]) from exc
 
-    async def _publish_or_claim(self, event: DecisionEvent, claim: Callable[[], Claim]) -> None:
-        try:
-            await self._publish(event)
-        except BusUnavailable as exc:
-            await self._store.claim(claim())
-            raise _retry_with(event.transaction_id, exc) from exc
-
     async def _decide_once(
-        self, event: DecisionEvent, claim: Callable[[], Claim], response: DecisionResponse
-    ) -> DecisionResponse:
-        mine = claim()
-        existing = await self._store.claim(mine)
-        if existing is None:
-            await self._publish_claimed(event)
-            return response
-        if existing.request_hash != mine.request_hash:
+        self,
+        model: LoadedModel,
+        features: Mapping[str, Any],
+        x: FloatMatrix,
+        txn: str,
+        fingerprint: str,
+    ) -> bytes:
+        while True:
+            known = self._recent.answered(txn)
+            if known is not None:
+                return self._repeat(known, fingerprint, "memory")
+            leader = self._recent.deciding(txn)
+            if leader is None:
+                break
+            try:
+                # The same id is being decided by another request of this process right now.
+                first = await asyncio.shield(leader)
+            except Exception:  # noqa: BLE001, S112 - its failure is its own; this one tries anew
+                continue
+            return self._repeat(first, fingerprint, "memory")
+        self._recent.begin(txn)
+        claim: Claim | None = None
+        error: BaseException | None = None
+        try:
+            found = await self._store_guard.call(lambda: self._store.find_claim(txn))
+            if found is not None:
+                self._recent.remember(found)
+                claim = found
+                return self._repeat(found, fingerprint, "store")
+            decided = _new_claim(model, features, x, txn, fingerprint)
+            # Shielded: once the event may be durable, the claim must follow it even if this
+            # request's deadline passes meanwhile, so that its retry finds the answer.
+            commit = asyncio.ensure_future(self._commit(decided))
+            commit.add_done_callback(_retrieve)
+            claim = await asyncio.shield(commit)
+            return claim.response
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._recent.finish(txn, claim, error)
+
+    async def _commit(self, decided: "_NewClaim") -> Claim:
+        """Publish, remember, record the claim; the answer stands once the event is durable."""
+        await self._publish(decided.event)
+        claim = decided.claim
+        self._recent.remember(claim)
+        try:
+            await self._store_guard.call(lambda: self._store.put_claim(claim))
+        except Unavailable:
+            # The decision is durable and answered; without its claim, a retry reaching another
+            # gateway decides it again (the same answer for the same request), and the worker
+            # keeps the first copy of the event.
+            self._metrics.claim_write_failures.inc()
+        return claim
+
+    def _repeat(self, claim: Claim, fingerprint: str, source: str) -> bytes:
+        if claim.request_hash != fingerprint:
             reason = "already used for a different request"
             raise Conflict(
-                f"Transaction id {event.transaction_id!r} was {reason}.",
+                f"Transaction id {claim.transaction_id!r} was {reason}.",
                 [FieldProblem("transaction_id", reason)],
             )
-        if not existing.published:
-            # The first attempt was answered 503: the event may never have reached the bus.
-            await self._publish_claimed(DecisionEvent.from_bytes(existing.event))
-        return DecisionResponse.model_validate_json(existing.response)
-
-    async def _publish_claimed(self, event: DecisionEvent) -> None:
-        try:
-            await self._publish(event)
-        except BusUnavailable as exc:
-            raise _retry_with(event.transaction_id, exc) from exc
-        await self._store.mark_published(event.transaction_id)
+        self._metrics.idempotent_replays.labels(source=source).inc()
+        return claim.response
 
     async def _publish(self, event: DecisionEvent) -> None:
         try:
             await self._bus.publish(event)
-        except BusUnavailable:
+        except Unavailable:
             self._metrics.publish_failures.inc()
             raise
         self._metrics.events_published.labels(event.model.name).inc()
 
 
-def _score(model: LoadedModel, features: Mapping[str, Any]) -> Prediction:
+class _NewClaim:
+    """A decision just made: its event and the claim of its answer."""
+
+    __slots__ = ("claim", "event")
+
+    def __init__(self, event: DecisionEvent, claim: Claim) -> None:
+        self.event = event
+        self.claim = claim
+
+    @property
+    def response(self) -> bytes:
+        return self.claim.response
+
+
+def _retrieve(task: "asyncio.Future[Claim]") -> None:
+    # Its error reached the request, or the request was gone: either way it is handled.
+    if not task.cancelled():
+        task.exception()
+
+
+def _encode(model: LoadedModel, features: Mapping[str, Any]) -> FloatMatrix:
     try:
-        x = model.encode_many([features])
+        return model.encode_many([features])
     except InvalidFeatures as exc:
         problems = [FieldProblem(f"features.{e.field}", e.reason) for e in exc.errors]
         raise InvalidRequest("Some features are invalid.", problems) from exc
-    return model.prediction(model.predict_margins(x)[0])
 
 
-def _claim(
-    event: DecisionEvent, response: DecisionResponse, fingerprint: str
-) -> Callable[[], Claim]:
-    """The claim, built only when needed: serialising it costs more than the happy path."""
-    return lambda: Claim(
-        transaction_id=event.transaction_id,
+def _new_claim(
+    model: LoadedModel,
+    features: Mapping[str, Any],
+    x: FloatMatrix,
+    txn: str,
+    fingerprint: str,
+) -> _NewClaim:
+    prediction = model.prediction(model.predict_margins(x)[0])
+    ref = ModelRef(name=model.name, version=model.version)
+    event = DecisionEvent(
+        transaction_id=txn,
+        model=ref,
+        features=dict(features),
+        prediction=prediction,
+        decided_at=datetime.now(UTC),
         request_hash=fingerprint,
-        response=response.to_bytes(),
-        event=event.to_bytes(),
     )
-
-
-def _retry_with(transaction_id: str, cause: BusUnavailable) -> BusUnavailable:
-    return BusUnavailable(
-        f"{cause.detail} Retry with the same transaction_id; it will not be decided twice.",
-        extra={"transaction_id": transaction_id},
-    )
+    response = DecisionResponse(transaction_id=txn, model=ref, prediction=prediction).to_bytes()
+    return _NewClaim(event, Claim(transaction_id=txn, request_hash=fingerprint, response=response))

@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from service.core.access import MAX_KEY_LENGTH, ApiKey, Scope, hash_key, new_api_key, to_millis
+from service.core.breaker import Guard
+from service.errors import Unavailable
 from service.ports import AccessStore
 
 # POST /v1/predictions is the hot path (a fraction of a millisecond of work): a store read per
@@ -20,21 +22,30 @@ CACHE_MAX_ENTRIES = 10_000
 
 @dataclass(frozen=True, slots=True)
 class _Cached:
-    expires_at: float
+    verified_at: float
     key: ApiKey | None
 
 
 class KeyVerifier:
-    """Turns a presented key into its stored `ApiKey`, or None when it is not one."""
+    """Turns a presented key into its stored `ApiKey`, or None when it is not one.
+
+    While the store does not answer (its `guard` raises `Unavailable`), the last verification
+    of a key stands for up to `stale_s`; a key never verified, or verified longer ago, gets
+    the `Unavailable` (a 503), never a guess.
+    """
 
     def __init__(
         self,
         store: AccessStore,
         cache_s: float = DEFAULT_CACHE_S,
+        stale_s: float = 0.0,
+        guard: Guard | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._cache_s = cache_s
+        self._stale_s = max(stale_s, cache_s)
+        self._guard = guard
         self._clock = clock
         self._cache: dict[str, _Cached] = {}
 
@@ -45,11 +56,21 @@ class KeyVerifier:
         key_hash = hash_key(key)
         now = self._clock()
         cached = self._cache.get(key_hash)
-        if cached is not None and cached.expires_at > now:
+        if cached is not None and cached.verified_at + self._cache_s > now:
             return cached.key
-        stored = await self._store.get_key(key_hash)
-        self._remember(key_hash, _Cached(now + self._cache_s, stored))
+        try:
+            stored = await self._lookup(key_hash)
+        except Unavailable:
+            if cached is not None and cached.verified_at + self._stale_s > now:
+                return cached.key
+            raise
+        self._remember(key_hash, _Cached(now, stored))
         return stored
+
+    async def _lookup(self, key_hash: str) -> ApiKey | None:
+        if self._guard is None:
+            return await self._store.get_key(key_hash)
+        return await self._guard.call(lambda: self._store.get_key(key_hash))
 
     def _remember(self, key_hash: str, entry: _Cached) -> None:
         self._cache.pop(key_hash, None)

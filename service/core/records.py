@@ -71,6 +71,10 @@ class DecisionEvent(Wire):
     features: Features
     prediction: Prediction
     decided_at: datetime
+    # The fingerprint of the caller's request when the caller chose the transaction id: a
+    # worker meeting the id again in the log tells a repeat of the same request from a
+    # conflicting one by it. None for ids the gateway generated (they cannot repeat).
+    request_hash: str | None = None
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json", by_alias=True))
@@ -125,10 +129,12 @@ class ModelArtifact(Wire):
 
 
 class Claim(Wire):
-    """The first answer given for a transaction id: a repeat gets it back, never a new decision."""
+    """The answer given for a caller's transaction id, written once its event is durable.
+
+    A repeat of the request gets `response` back byte for byte; a different request under the
+    same id (another `request_hash`) is refused.
+    """
 
     transaction_id: str
     request_hash: str
     response: bytes
-    event: bytes
-    published: bool = False

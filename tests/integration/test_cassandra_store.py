@@ -118,17 +118,16 @@ class TestCassandraStore(StoreContract):
     ) -> None:
         record = binary_record(decided_at=datetime.now(UTC))
         await store.write([record])
-        assert await store.claim(claim_for(record.transaction_id, "sha256:aaaa")) is None
-        await store.mark_published(record.transaction_id)
+        await store.put_claim(claim_for(record.transaction_id, "sha256:aaaa"))
         claims = await query(
             cql,
-            f"SELECT TTL(request_hash) AS h, TTL(event) AS e, TTL(published) AS p "
-            f"FROM {settings.keyspace}.transactions WHERE txn_id = %s",
+            f"SELECT TTL(request_hash) AS h, TTL(response) AS r "
+            f"FROM {settings.keyspace}.claims WHERE txn_id = %s",
             record.transaction_id,
         )
         ttls = await decision_ttls(cql, settings.keyspace, record, settings.day_buckets)
-        ttls += [claims[0][column] for column in ("h", "e", "p")]
-        assert len(ttls) == 13
+        ttls += [claims[0][column] for column in ("h", "r")]
+        assert len(ttls) == 12
         assert all(RETENTION_S - TTL_SLACK_S < ttl <= RETENTION_S for ttl in ttls), ttls
 
     async def test_retention_counts_from_the_decision(

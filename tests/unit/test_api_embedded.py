@@ -154,7 +154,8 @@ async def test_models_health_and_metrics(client: httpx.AsyncClient) -> None:
     assert [m["name"] for m in models] == ["german-credit"]
     assert models[0]["default"] is True
     assert (await client.get("/healthz")).json() == {"status": "ok"}
-    assert (await client.get("/readyz")).json() == {"status": "ready"}
+    ready = (await client.get("/readyz")).json()
+    assert (ready["status"], ready["spooling"], ready["store"]) == ("ready", False, "up")
     await client.post("/v1/predictions", json={"features": ROWS[2]})
     exposition = (await client.get("/metrics")).text
     assert 'shapstream_http_requests_total{method="POST",route="/v1/predictions",status="200"}' in (

@@ -155,3 +155,34 @@ async def test_run_stops_when_asked(embedded: Embedded, model: LoadedModel) -> N
     stop.set()
     async with asyncio.timeout(5):
         await running
+
+
+async def test_the_first_event_of_an_id_stands_copies_are_skipped_conflicts_dead_lettered(
+    embedded: Embedded, model: LoadedModel
+) -> None:
+    first, other = make_events(model, 2, "first")
+    # The same request decided twice (a race across gateways): same decision, later time.
+    later_copy = first.model_copy(update={"decided_at": first.decided_at + timedelta(seconds=1)})
+    # Another request under the same id, decided differently.
+    conflicting = other.model_copy(update={"transaction_id": first.transaction_id})
+    worker = _worker(embedded, ModelRegistry([model]), engine="pred_contribs")
+    await embedded.bus.publish(first)
+    await embedded.bus.publish(later_copy)  # same batch
+    await _drain(worker)
+    await embedded.bus.publish(first)  # a spool's replay of a copy, in a later batch
+    await embedded.bus.publish(conflicting)
+    await _drain(worker)
+
+    record = await embedded.store.get(first.transaction_id)
+    assert record is not None
+    # Stored to the millisecond; the copy was decided a second later.
+    assert abs(record.decided_at - first.decided_at) < timedelta(milliseconds=1)
+    assert_exact(model, first, record)
+    letters = await embedded.bus.dead_letters()
+    assert [(d.reason, d.payload) for d in letters] == [
+        ("conflicting-transaction-id", conflicting.to_bytes())
+    ]
+    assert embedded.metrics.explanations.labels(engine="pred_contribs")._value.get() == 1
+    assert embedded.metrics.duplicate_events.labels(kind="same")._value.get() == 2
+    assert embedded.metrics.duplicate_events.labels(kind="conflict")._value.get() == 1
+    assert await embedded.bus.pending() == 0
