@@ -66,12 +66,12 @@ class ExplanationStore(Protocol):
 
     async def get_model(self, version: str) -> ModelArtifact | None: ...
 
-    async def find_claim(self, transaction_id: str) -> Claim | None:
-        """The claim stored for `transaction_id`, if any (a quorum read, no consensus round)."""
+    async def find_claims(self, transaction_ids: Sequence[str]) -> dict[str, Claim]:
+        """The claims stored for these ids (absent ones left out): quorum reads, no consensus."""
         ...
 
-    async def put_claim(self, claim: Claim) -> None:
-        """Store `claim` (an idempotent upsert; the last write of an id wins)."""
+    async def put_claims(self, claims: Sequence[Claim]) -> None:
+        """Store `claims` (idempotent upserts; the last write of an id wins)."""
         ...
 
     async def write(self, records: Sequence[DecisionRecord]) -> None:

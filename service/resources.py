@@ -32,7 +32,10 @@ async def open_resources(settings: Settings, metrics: Metrics) -> AsyncIterator[
             # Workers load the exact version an event names from here, on any machine.
             await store.put_model(model.artifact())
             log.info("serving %s version %s", model.name, model.version)
-        yield _state(settings, metrics, registry, bus, store, access)
+        state = _state(settings, metrics, registry, bus, store, access)
+        # Drained before the store and bus close (the stack unwinds in reverse).
+        stack.push_async_callback(state.decider.drain)
+        yield state
 
 
 def _state(

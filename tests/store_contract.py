@@ -308,21 +308,22 @@ class StoreContract:
         for record in [*small, big]:
             assert await store.get(record.transaction_id) == stored(record)
 
-    async def test_a_claim_is_found_once_put(self, store: ExplanationStore) -> None:
-        transaction_id = new_id()
-        claim = claim_for(transaction_id, "sha256:aaaa")
-        assert await store.find_claim(transaction_id) is None
-        await store.put_claim(claim)
-        await store.put_claim(claim)  # idempotent
-        assert await store.find_claim(transaction_id) == claim
-        assert await store.find_claim(new_id()) is None
+    async def test_claims_are_found_once_put(self, store: ExplanationStore) -> None:
+        ids = [new_id() for _ in range(5)]
+        claims = [claim_for(txn, f"sha256:{n}") for n, txn in enumerate(ids)]
+        assert await store.find_claims(ids) == {}
+        await store.put_claims(claims[:3])
+        await store.put_claims(claims[:3])  # idempotent
+        unknown = new_id()
+        found = await store.find_claims([*ids, unknown])
+        assert found == {c.transaction_id: c for c in claims[:3]}
 
     async def test_the_last_claim_of_an_id_wins(self, store: ExplanationStore) -> None:
         transaction_id = new_id()
-        await store.put_claim(claim_for(transaction_id, "sha256:aaaa"))
+        await store.put_claims([claim_for(transaction_id, "sha256:aaaa")])
         second = claim_for(transaction_id, "sha256:bbbb")
-        await store.put_claim(second)
-        assert await store.find_claim(transaction_id) == second
+        await store.put_claims([second])
+        assert await store.find_claims([transaction_id]) == {transaction_id: second}
 
     async def test_model_round_trip(self, store: ExplanationStore) -> None:
         artifact = model_artifact(f"sha256:{uuid.uuid4().hex}")
@@ -345,15 +346,17 @@ class StoreContract:
             record = binary_record(decided_at=datetime.now(UTC))
             first = claim_for(record.transaction_id, "sha256:aaaa")
             await store.write([record])
-            await store.put_claim(first)
+            await store.put_claims([first])
             assert await store.get(record.transaction_id) == stored(record)
-            assert await store.find_claim(record.transaction_id) == first
+            assert await store.find_claims([record.transaction_id]) == {
+                record.transaction_id: first
+            }
 
             async def record_gone() -> bool:
                 return await store.get(record.transaction_id) is None
 
             async def claim_free() -> bool:
-                return await store.find_claim(record.transaction_id) is None
+                return await store.find_claims([record.transaction_id]) == {}
 
             await wait_until(record_gone, "the record is still there")
             await wait_until(claim_free, "the claim still holds the id")

@@ -333,6 +333,10 @@ class ExplainerWorker:
             # The store refused a record's content (not an outage): find it, dead-letter it,
             # and write the others, instead of retrying a batch that can never succeed.
             plan.records = await self._write_one_by_one(plan)
+        # Each stored decision's claim, so that a repeat of its request reaching any gateway
+        # gets its answer (docs/decision-path.md). After the records: a claim is never there
+        # without its record.
+        await self._store.put_claims([plan.firsts[r.transaction_id].claim() for r in plan.records])
 
     async def _write_one_by_one(self, plan: _Plan) -> list[DecisionRecord]:
         written: list[DecisionRecord] = []

@@ -8,6 +8,7 @@ calls the driver offers solely as blocking ones (connect, prepare, shutdown) run
 
 import asyncio
 import re
+import socket
 import struct
 import time
 import zlib
@@ -49,7 +50,6 @@ from cassandra.query import (
     dict_factory,
 )
 
-from service.adapters.coalesce import Coalescer
 from service.adapters.cql_batches import grouped_batches
 from service.adapters.record_codec import (
     ModelConflictError,
@@ -230,12 +230,6 @@ SELECT_STORAGE_MODE = (
 )
 SELECT_TABLES = "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s"
 
-# A gateway's claim reads (and writes) go out in requests of up to this many ids, with up to
-# CLAIM_REQUESTS requests in flight: a read waits for no batch to fill, and under load the
-# requests carry many ids each.
-CLAIMS_PER_REQUEST = 64
-CLAIM_REQUESTS = 2
-
 # What the driver raises when the cluster, not the request, is at fault.
 _UNAVAILABLE = (
     OperationTimedOut,
@@ -311,6 +305,10 @@ def build_cluster(settings: CassandraSettings) -> Cluster:
         # logs a downgrade warning on every connect.
         protocol_version=ProtocolVersion.V5,
         connection_class=LibevConnection,
+        # The driver writes a request in 4 KiB pieces; with Nagle's algorithm the last piece
+        # of any larger request (a batch) waits for the server's delayed ACK: 40 ms each,
+        # measured here. Requests are whole messages, so nothing is gained by holding them.
+        sockopts=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         auth_provider=auth,
         connect_timeout=settings.request_timeout_s,
     )
@@ -419,12 +417,6 @@ class CassandraStore:
         self._fast_timeout_s = settings.fast_timeout_s
         self._statements: _Statements | None = None
         self._prepare_lock = asyncio.Lock()
-        self._claim_reads: Coalescer[str, Claim | None] = Coalescer(
-            self._read_claims, max_batch=CLAIMS_PER_REQUEST, max_in_flight=CLAIM_REQUESTS
-        )
-        self._claim_writes: Coalescer[Claim, None] = Coalescer(
-            self._write_claims, max_batch=CLAIMS_PER_REQUEST, max_in_flight=CLAIM_REQUESTS
-        )
 
     @classmethod
     async def connect(cls, settings: CassandraSettings, retention: timedelta) -> Self:
@@ -500,16 +492,10 @@ class CassandraStore:
             model_bytes=row["model_json"],
         )
 
-    async def find_claim(self, transaction_id: str) -> Claim | None:
-        """One quorum read, shared with the concurrent reads of this process (`Coalescer`)."""
-        return await self._claim_reads.submit(transaction_id)
-
-    async def put_claim(self, claim: Claim) -> None:
-        """One upsert, batched with the concurrent ones of this process."""
-        await self._claim_writes.submit(claim)
-
-    async def _read_claims(self, ids: Sequence[str]) -> dict[str, Claim | None]:
+    async def find_claims(self, transaction_ids: Sequence[str]) -> dict[str, Claim]:
+        """One `IN` query per replica set, at the gateway's short deadline."""
         statements = await self._prepared()
+        ids = transaction_ids
         groups: dict[Hashable, list[str]] = {}
         for txn in ids:
             groups.setdefault(self._replicas_of(txn.encode()), []).append(txn)
@@ -521,16 +507,18 @@ class CassandraStore:
                 for group in groups.values()
             )
         )
-        found: dict[str, Claim | None] = dict.fromkeys(ids)
-        for row in (row for rows in pages for row in rows):
-            found[row["txn_id"]] = Claim(
+        return {
+            row["txn_id"]: Claim(
                 transaction_id=row["txn_id"],
                 request_hash=row["request_hash"],
                 response=row["response"],
             )
-        return found
+            for rows in pages
+            for row in rows
+        }
 
-    async def _write_claims(self, claims: Sequence[Claim]) -> dict[Claim, None]:
+    async def put_claims(self, claims: Sequence[Claim]) -> None:
+        """Unlogged batches of rows sharing their replicas, at the gateway's short deadline."""
         statements = await self._prepared()
         writes = [
             statements.insert_claim.bind(
@@ -544,7 +532,6 @@ class CassandraStore:
                 for batch in grouped_batches(writes, self._replicas_of)
             )
         )
-        return dict.fromkeys(claims)
 
     def _replicas_of(self, routing_key: bytes) -> Hashable:
         """The nodes holding a partition key (one group for all when the ring is unknown)."""
@@ -667,7 +654,6 @@ class CassandraStore:
             raise RuntimeError("system.local returned no row")
 
     async def close(self) -> None:
-        await self._claim_writes.close()
         await asyncio.to_thread(self._cluster.shutdown)
 
     async def _check_expiry_limit(self) -> None:

@@ -221,17 +221,13 @@ class SqliteStore:
             name=name, version=version, schema_bytes=schema_json, model_bytes=model_json
         )
 
-    async def find_claim(self, transaction_id: str) -> Claim | None:
-        row = await self._run(self._fetch_one, SELECT_CLAIM, (transaction_id, _now_ms()))
-        if row is None:
-            return None
-        request_hash, response = row
-        return Claim(transaction_id=transaction_id, request_hash=request_hash, response=response)
+    async def find_claims(self, transaction_ids: Sequence[str]) -> dict[str, Claim]:
+        return await self._run(self._find_claims, list(transaction_ids), _now_ms())
 
-    async def put_claim(self, claim: Claim) -> None:
+    async def put_claims(self, claims: Sequence[Claim]) -> None:
         expires_at_ms = _now_ms() + self._retention_ms
-        row = (claim.transaction_id, claim.request_hash, claim.response, expires_at_ms)
-        await self._run(self._connection.execute, UPSERT_CLAIM, row)
+        rows = [(c.transaction_id, c.request_hash, c.response, expires_at_ms) for c in claims]
+        await self._run(self._upsert_claims, rows)
 
     async def write(self, records: Sequence[DecisionRecord]) -> None:
         """Upsert a batch in one transaction; writing the same records again changes nothing."""
@@ -310,6 +306,18 @@ class SqliteStore:
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
         with _transaction(self._connection):
             self._connection.executemany(UPSERT_DECISION, rows)
+
+    def _find_claims(self, ids: list[str], now_ms: int) -> dict[str, Claim]:
+        found: dict[str, Claim] = {}
+        for txn in ids:
+            row = self._connection.execute(SELECT_CLAIM, (txn, now_ms)).fetchone()
+            if row is not None:
+                found[txn] = Claim(transaction_id=txn, request_hash=row[0], response=row[1])
+        return found
+
+    def _upsert_claims(self, rows: list[tuple[Any, ...]]) -> None:
+        with _transaction(self._connection):
+            self._connection.executemany(UPSERT_CLAIM, rows)
 
     def _put_model(self, artifact: ModelArtifact, feature_names: list[str], now_ms: int) -> None:
         with _transaction(self._connection):

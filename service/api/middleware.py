@@ -54,6 +54,11 @@ class _TooLarge(HTTPException):
         super().__init__(413, f"The request body is larger than {max_bytes} bytes.")
 
 
+# Set in the scope of a request taken up while the gateway is busy (a quarter of its bound in
+# flight): requests may have waited their turn, so their client may have gone meanwhile.
+BUSY = "shapstream.busy"
+
+
 class LoadShedding:
     """Bound the requests under /v1/ served at once; above the bound, answer 503 at once.
 
@@ -82,6 +87,8 @@ class LoadShedding:
             await response(scope, receive, send)
             return
         self.in_flight += 1
+        if self.in_flight > self.max_in_flight // 4:
+            scope[BUSY] = True
         try:
             await self.app(scope, receive, send)
         finally:

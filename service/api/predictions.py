@@ -6,10 +6,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from starlette.responses import Response
 
-from service.api.auth import AUTH_RESPONSES, require_scope
-from service.api.deps import State
+from service.api.auth import AUTH_RESPONSES, SECURITY, authorize
+from service.api.deps import app_state, body_schema, parse_body
+from service.api.middleware import BUSY
 from service.core.access import Scope
-from service.core.decisions import DecisionResponse
+from service.core.records import DecisionResponse
 from service.errors import Overloaded
 
 router = APIRouter(tags=["predictions"])
@@ -34,7 +35,7 @@ class PredictionRequest(BaseModel):
 @router.post(
     "/v1/predictions",
     response_model=DecisionResponse,
-    dependencies=[require_scope(Scope.PREDICT)],
+    openapi_extra={"security": SECURITY, "requestBody": body_schema(PredictionRequest)},
     responses={
         **AUTH_RESPONSES,
         409: {"description": "transaction_id reused for a different request"},
@@ -45,9 +46,15 @@ class PredictionRequest(BaseModel):
         },
     },
 )
-async def predict(body: PredictionRequest, state: State, request: Request) -> Response:
+async def predict(request: Request) -> Response:
     """Decide, and guarantee the decision's explanation will be stored."""
-    if await request.is_disconnected():
+    # The key is checked and the body parsed here, not declared as dependencies: FastAPI's
+    # solving of those costs more than deciding (~120 us a request, measured); the OpenAPI
+    # document still shows both.
+    await authorize(request, Scope.PREDICT)
+    state = app_state(request)
+    body = parse_body(PredictionRequest, await request.body())
+    if request.scope.get(BUSY) and await request.is_disconnected():
         # Its client gave up while the request waited its turn: nobody would read the answer.
         state.metrics.shed.labels(reason="client-gone").inc()
         raise Overloaded("The client disconnected before the decision was made.")

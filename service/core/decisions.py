@@ -11,31 +11,26 @@ workers keep the first event of an id and skip or dead-letter later ones.
 import asyncio
 import hashlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from service.core.breaker import Guard
+from service.core.coalesce import Coalescer
 from service.core.engine.base import FloatMatrix
 from service.core.idempotency import RecentIds
-from service.core.records import Claim, DecisionEvent, ModelRef, Prediction, Wire
+from service.core.records import Claim, DecisionEvent, ModelRef
 from service.core.registry import InvalidFeatures, LoadedModel, ModelRegistry, UnknownModel
 from service.errors import Conflict, FieldProblem, InvalidRequest, Overloaded, Unavailable
 from service.metrics import Metrics
 from service.ports import EventBus, ExplanationStore
 
-
-class DecisionResponse(Wire):
-    """The gateway's answer; stored with the claim so a repeat gets exactly the same bytes."""
-
-    transaction_id: str
-    model: ModelRef
-    prediction: Prediction
-
-    def to_bytes(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json", by_alias=True))
+# Claims read (or written) per store request, and store requests in flight at once: a lone
+# request goes at once, and under load each carries the ids that arrived meanwhile.
+CLAIMS_PER_REQUEST = 64
+CLAIM_REQUESTS = 1
 
 
 def request_hash(features: Mapping[str, Any], model: str | None) -> str:
@@ -67,6 +62,12 @@ class Decider:
         self._recent = recent
         self._metrics = metrics
         self._timeout_s = timeout_s
+        # Decisions being published; held so none is collected mid-flight, drained at close.
+        self._committing: set[asyncio.Future[Claim]] = set()
+        # Claim reads of concurrent requests travel together: one store request for many ids.
+        self._reads: Coalescer[str, Claim | None] = Coalescer(
+            self._read_claims, max_batch=CLAIMS_PER_REQUEST, max_in_flight=CLAIM_REQUESTS
+        )
 
     async def decide(
         self,
@@ -126,7 +127,7 @@ class Decider:
         claim: Claim | None = None
         error: BaseException | None = None
         try:
-            found = await self._store_guard.call(lambda: self._store.find_claim(txn))
+            found = await self._reads.submit(txn)
             if found is not None:
                 self._recent.remember(found)
                 claim = found
@@ -135,7 +136,8 @@ class Decider:
             # Shielded: once the event may be durable, the claim must follow it even if this
             # request's deadline passes meanwhile, so that its retry finds the answer.
             commit = asyncio.ensure_future(self._commit(decided))
-            commit.add_done_callback(_retrieve)
+            self._committing.add(commit)
+            commit.add_done_callback(self._committed)
             claim = await asyncio.shield(commit)
             return claim.response
         except BaseException as exc:
@@ -148,15 +150,25 @@ class Decider:
         """Publish, remember, record the claim; the answer stands once the event is durable."""
         await self._publish(decided.event)
         claim = decided.claim
+        # Other gateways learn of it from its claim, which the worker writes with its record.
         self._recent.remember(claim)
-        try:
-            await self._store_guard.call(lambda: self._store.put_claim(claim))
-        except Unavailable:
-            # The decision is durable and answered; without its claim, a retry reaching another
-            # gateway decides it again (the same answer for the same request), and the worker
-            # keeps the first copy of the event.
-            self._metrics.claim_write_failures.inc()
         return claim
+
+    async def _read_claims(self, ids: Sequence[str]) -> dict[str, Claim | None]:
+        found = await self._store_guard.call(lambda: self._store.find_claims(ids))
+        return {txn: found.get(txn) for txn in ids}
+
+    def _committed(self, commit: "asyncio.Future[Claim]") -> None:
+        self._committing.discard(commit)
+        # Its error reached the request, or the request was gone: either way it is handled.
+        if not commit.cancelled():
+            commit.exception()
+
+    async def drain(self) -> None:
+        """Wait for the decisions and claim reads under way (before the bus and store close)."""
+        while self._committing:
+            await asyncio.gather(*self._committing, return_exceptions=True)
+        await self._reads.close()
 
     def _repeat(self, claim: Claim, fingerprint: str, source: str) -> bytes:
         if claim.request_hash != fingerprint:
@@ -191,12 +203,6 @@ class _NewClaim:
         return self.claim.response
 
 
-def _retrieve(task: "asyncio.Future[Claim]") -> None:
-    # Its error reached the request, or the request was gone: either way it is handled.
-    if not task.cancelled():
-        task.exception()
-
-
 def _encode(model: LoadedModel, features: Mapping[str, Any]) -> FloatMatrix:
     try:
         return model.encode_many([features])
@@ -212,15 +218,12 @@ def _new_claim(
     txn: str,
     fingerprint: str,
 ) -> _NewClaim:
-    prediction = model.prediction(model.predict_margins(x)[0])
-    ref = ModelRef(name=model.name, version=model.version)
     event = DecisionEvent(
         transaction_id=txn,
-        model=ref,
+        model=ModelRef(name=model.name, version=model.version),
         features=dict(features),
-        prediction=prediction,
+        prediction=model.prediction(model.predict_margins(x)[0]),
         decided_at=datetime.now(UTC),
         request_hash=fingerprint,
     )
-    response = DecisionResponse(transaction_id=txn, model=ref, prediction=prediction).to_bytes()
-    return _NewClaim(event, Claim(transaction_id=txn, request_hash=fingerprint, response=response))
+    return _NewClaim(event, event.claim())

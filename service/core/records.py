@@ -83,6 +83,31 @@ class DecisionEvent(Wire):
     def from_bytes(cls, payload: bytes) -> "DecisionEvent":
         return cls.model_validate_json(payload)
 
+    def answer(self) -> "DecisionResponse":
+        """What the gateway answered for this decision (the worker rebuilds it from the event)."""
+        return DecisionResponse(
+            transaction_id=self.transaction_id, model=self.model, prediction=self.prediction
+        )
+
+    def claim(self) -> "Claim":
+        """The claim of this decision's transaction id: its request and its answer's bytes."""
+        return Claim(
+            transaction_id=self.transaction_id,
+            request_hash=self.request_hash or "",
+            response=self.answer().to_bytes(),
+        )
+
+
+class DecisionResponse(Wire):
+    """The gateway's answer; a repeat of the request gets exactly the same bytes."""
+
+    transaction_id: str
+    model: ModelRef
+    prediction: Prediction
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", by_alias=True))
+
 
 class Reason(Wire):
     """A principal reason for an adverse decision: one reason family of the model's schema."""
@@ -129,7 +154,7 @@ class ModelArtifact(Wire):
 
 
 class Claim(Wire):
-    """The answer given for a caller's transaction id, written once its event is durable.
+    """The answer given for a transaction id, written by the worker with the decision's record.
 
     A repeat of the request gets `response` back byte for byte; a different request under the
     same id (another `request_hash`) is refused.

@@ -118,7 +118,7 @@ class TestCassandraStore(StoreContract):
     ) -> None:
         record = binary_record(decided_at=datetime.now(UTC))
         await store.write([record])
-        await store.put_claim(claim_for(record.transaction_id, "sha256:aaaa"))
+        await store.put_claims([claim_for(record.transaction_id, "sha256:aaaa")])
         claims = await query(
             cql,
             f"SELECT TTL(request_hash) AS h, TTL(response) AS r "

@@ -29,6 +29,14 @@ def event(n: int) -> DecisionEvent:
     )
 
 
+async def until_replayed(bus: SpooledKafkaBus) -> None:
+    async with asyncio.timeout(WAIT_S):
+        while True:
+            if not bus.status().spooling:
+                return
+            await asyncio.sleep(0.05)
+
+
 async def consume(settings: KafkaSettings, count: int) -> list[DecisionEvent]:
     consumer = AIOKafkaConsumer(
         settings.topic,
@@ -67,9 +75,7 @@ async def test_a_spool_left_by_an_earlier_run_is_replayed_in_order(
     )
     try:
         assert bus.status().spooling
-        async with asyncio.timeout(WAIT_S):
-            while bus.status().spooling:
-                await asyncio.sleep(0.05)
+        await until_replayed(bus)
         assert bus.status().spooled_events == 0
         assert metrics.spool_replayed._value.get() == LEFT
         after = event(LEFT)

@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from service.adapters.coalesce import Coalescer
+from service.core.coalesce import Coalescer
 
 
 async def settle() -> None:
@@ -59,7 +59,9 @@ async def test_a_failed_batch_fails_each_of_its_callers() -> None:
     calls = Recorder()
     calls.fail = TimeoutError("no answer")
     coalescer: Coalescer[int, int] = Coalescer(calls, max_batch=10, max_in_flight=1)
-    outcomes = await asyncio.gather(*(coalescer.submit(k) for k in range(3)), return_exceptions=True)
+    outcomes = await asyncio.gather(
+        *(coalescer.submit(k) for k in range(3)), return_exceptions=True
+    )
     assert all(isinstance(o, TimeoutError) for o in outcomes)
 
 
