@@ -127,6 +127,8 @@ def measure(args: argparse.Namespace, payloads: list[bytes], index: int) -> Run:
         "SHAPSTREAM_KAFKA_DEAD_LETTER_TOPIC": f"bench-e2e-{run}-dlq",
         "SHAPSTREAM_CASSANDRA_KEYSPACE": keyspace,
         "SHAPSTREAM_LOG_LEVEL": "WARNING",
+        # A spool of this run's own: never one an earlier run left behind (another topic).
+        "SHAPSTREAM_SPOOL_DIR": str(OUT / f"spool-{run}"),
     }
     log = OUT / "e2e-gateway.log"
     with running([SHAPSTREAM, "serve", "--port", str(port)], env, log) as gateway:

@@ -193,6 +193,8 @@ def main() -> None:
         "SHAPSTREAM_KAFKA_TOPIC": f"bench-gateway-{run_id}",
         "SHAPSTREAM_CASSANDRA_KEYSPACE": "shapstream_bench",
         "SHAPSTREAM_LOG_LEVEL": "WARNING",
+        # A spool of this run's own, under bench/out: never one an earlier run left behind.
+        "SHAPSTREAM_SPOOL_DIR": str(work / f"spool-{run_id}"),
     }
     gw_port, min_port = free_port(), free_port()
     commands = {

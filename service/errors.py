@@ -1,6 +1,7 @@
 """The service's error tree; one handler turns each into an RFC 9457 problem."""
 
 import math
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -13,6 +14,13 @@ PROBLEM_BASE = "https://shapstream.dev/problems/"
 class FieldProblem:
     field: str
     reason: str
+
+
+def retry_after(seconds: float) -> str:
+    """A `Retry-After` value for a wait of about `seconds`: whole seconds, never 0 (RFC 9110
+    section 10.2.3), spread over up to three times the wait. Clients told the same second all
+    come back in it, and a gateway that just recovered sheds them again (seen in tests/faults)."""
+    return str(max(1, math.ceil(seconds * random.uniform(1.0, 3.0))))
 
 
 class ServiceError(Exception):
@@ -87,8 +95,7 @@ class Unavailable(ServiceError):
         self.retry_after_s = retry_after_s
 
     def response_headers(self) -> Mapping[str, str]:
-        # RFC 9110 section 10.2.3: whole seconds; never 0, which would invite a retry storm.
-        return {**self.headers, "Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+        return {**self.headers, "Retry-After": retry_after(self.retry_after_s)}
 
     def for_transaction(self, transaction_id: str) -> "Unavailable":
         """The same problem, naming the transaction the client should retry with."""

@@ -31,7 +31,6 @@ class Metrics:
     in_flight: Gauge
     shed: Counter
     idempotent_replays: Counter
-    claim_write_failures: Counter
     dependency_up: Gauge
     spooling: Gauge
     spool_events: Gauge
@@ -168,11 +167,6 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "Repeated caller transaction ids answered with their first answer, by where it was "
             "found (memory of this gateway, or the store).",
             ["source"],
-            registry=reg,
-        ),
-        claim_write_failures=Counter(
-            "shapstream_claim_write_failures_total",
-            "Answers to caller ids not recorded in the store (the decision itself is durable).",
             registry=reg,
         ),
         dependency_up=Gauge(

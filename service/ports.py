@@ -70,12 +70,11 @@ class ExplanationStore(Protocol):
         """The claims stored for these ids (absent ones left out): quorum reads, no consensus."""
         ...
 
-    async def put_claims(self, claims: Sequence[Claim]) -> None:
-        """Store `claims` (idempotent upserts; the last write of an id wins)."""
-        ...
+    async def write(self, records: Sequence[DecisionRecord], claims: Sequence[Claim] = ()) -> None:
+        """Upsert a batch of records and of claims; writing the same again changes nothing.
 
-    async def write(self, records: Sequence[DecisionRecord]) -> None:
-        """Upsert a batch; writing the same records again changes nothing."""
+        A claim is an idempotent upsert too: the last write of an id wins.
+        """
         ...
 
     async def get(self, transaction_id: str) -> DecisionRecord | None: ...

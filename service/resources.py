@@ -106,6 +106,7 @@ async def _open_embedded_mode(
     worker = ExplainerWorker(bus, store, registry, settings.worker, metrics)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop), name="embedded-explainer")
+    task.add_done_callback(_report_stopped_worker)
 
     async def stop_worker() -> None:
         stop.set()
@@ -113,6 +114,17 @@ async def _open_embedded_mode(
 
     stack.push_async_callback(stop_worker)
     return bus, store, access
+
+
+def _report_stopped_worker(task: "asyncio.Task[None]") -> None:
+    # A bug stops the worker (it retries outages only): decisions would go on piling up in
+    # the outbox unexplained, so say it loudly; the outbox keeps them for the next start.
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.critical(
+            "the embedded worker stopped; decisions are kept in the outbox but no longer "
+            "explained until a restart",
+            exc_info=error,
+        )
 
 
 def announce_dev_key(dev_key: DevKey) -> None:

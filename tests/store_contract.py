@@ -312,17 +312,17 @@ class StoreContract:
         ids = [new_id() for _ in range(5)]
         claims = [claim_for(txn, f"sha256:{n}") for n, txn in enumerate(ids)]
         assert await store.find_claims(ids) == {}
-        await store.put_claims(claims[:3])
-        await store.put_claims(claims[:3])  # idempotent
+        await store.write([], claims[:3])
+        await store.write([], claims[:3])  # idempotent
         unknown = new_id()
         found = await store.find_claims([*ids, unknown])
         assert found == {c.transaction_id: c for c in claims[:3]}
 
     async def test_the_last_claim_of_an_id_wins(self, store: ExplanationStore) -> None:
         transaction_id = new_id()
-        await store.put_claims([claim_for(transaction_id, "sha256:aaaa")])
+        await store.write([], [claim_for(transaction_id, "sha256:aaaa")])
         second = claim_for(transaction_id, "sha256:bbbb")
-        await store.put_claims([second])
+        await store.write([], [second])
         assert await store.find_claims([transaction_id]) == {transaction_id: second}
 
     async def test_model_round_trip(self, store: ExplanationStore) -> None:
@@ -345,8 +345,7 @@ class StoreContract:
         try:
             record = binary_record(decided_at=datetime.now(UTC))
             first = claim_for(record.transaction_id, "sha256:aaaa")
-            await store.write([record])
-            await store.put_claims([first])
+            await store.write([record], [first])
             assert await store.get(record.transaction_id) == stored(record)
             assert await store.find_claims([record.transaction_id]) == {
                 record.transaction_id: first

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -17,8 +17,9 @@ from service.core.engine.base import Engine
 from service.core.engine.fast import FastTreeShap, UnsupportedModel
 from service.core.engine.pred_contribs import PredContribs
 from service.core.explain import ExplainResult, Failure, explain_batch, group_by_version
-from service.core.records import DecisionEvent, DecisionRecord
+from service.core.records import Claim, DecisionEvent, DecisionRecord
 from service.core.registry import InvalidModel, LoadedModel, ModelRegistry, UnknownModel
+from service.errors import Unavailable
 from service.metrics import Metrics
 from service.ports import ConsumedBatch, EventSource, ExplanationStore
 from service.settings import WorkerSettings
@@ -38,6 +39,9 @@ PREDICTION_MISMATCH = "prediction-mismatch"
 ADDITIVITY_ERROR = "additivity-error"
 EXPLAIN_FAILED = "explain-failed"
 UNSTORABLE = "unstorable-record"
+# What a step may fail with and still succeed when retried: outages of the store or the bus.
+TRANSIENT = (Unavailable, TimeoutError, OSError)
+
 # A second request under a transaction id already decided (workers/first_events.py).
 CONFLICTING_ID = "conflicting-transaction-id"
 
@@ -189,9 +193,11 @@ class ExplainerWorker:
         while True:
             try:
                 result = await attempt()
-            # The store and bus adapters raise many driver-specific errors, all transient as far
-            # as this batch is concerned: retry rather than lose or skip events.
-            except Exception as exc:  # noqa: BLE001
+            # The adapters raise their outages as `Unavailable` (their drivers' errors mapped):
+            # retry rather than lose or skip events. Anything else is a bug, not an outage, and
+            # retrying it forever under an outage's name would hide it: it stops the worker,
+            # with its traceback, and the batch is redelivered to the next one.
+            except TRANSIENT as exc:
                 self._health.step_failed(step.name, step.dependency, step.hint, exc)
                 delay = self._backoff.delay(failures)
                 failures += 1
@@ -328,21 +334,22 @@ class ExplainerWorker:
         if not plan.records:
             return
         try:
-            await self._store.write(plan.records)
+            await self._store.write(plan.records, self._claims(plan, plan.records))
         except ValueError:
             # The store refused a record's content (not an outage): find it, dead-letter it,
             # and write the others, instead of retrying a batch that can never succeed.
             plan.records = await self._write_one_by_one(plan)
-        # Each stored decision's claim, so that a repeat of its request reaching any gateway
-        # gets its answer (docs/decision-path.md). After the records: a claim is never there
-        # without its record.
-        await self._store.put_claims([plan.firsts[r.transaction_id].claim() for r in plan.records])
+
+    def _claims(self, plan: _Plan, records: Sequence[DecisionRecord]) -> list[Claim]:
+        """Each decision's claim, so that a repeat of its request reaching any gateway gets
+        its answer (docs/decision-path.md)."""
+        return [plan.firsts[record.transaction_id].claim() for record in records]
 
     async def _write_one_by_one(self, plan: _Plan) -> list[DecisionRecord]:
         written: list[DecisionRecord] = []
         for record in plan.records:
             try:
-                await self._store.write([record])
+                await self._store.write([record], self._claims(plan, [record]))
             except ValueError as exc:
                 log.error("transaction %s cannot be stored: %s", record.transaction_id, exc)
                 await self._source.dead_letter(plan.payloads[record.transaction_id], UNSTORABLE)

@@ -46,6 +46,7 @@ REPO = HERE.parents[1]
 VERSIONS_FILE = REPO / "deploy" / "versions.env"
 
 HOST = "127.0.0.1"
+# The ports of `make services` (and of docker-compose.yml); another `Ports` runs a second pair.
 KAFKA_PORT = 19092
 KAFKA_CONTROLLER_PORT = 19093
 CASSANDRA_PORT = 19042
@@ -83,6 +84,24 @@ class AbortedError(Exception):
 
 
 @dataclass(frozen=True)
+class Ports:
+    """Where one Kafka and one Cassandra listen on HOST; the defaults are `make services`'s.
+
+    Another set runs a second, independent pair next to it (the fault-injection tests do).
+    """
+
+    kafka: int = KAFKA_PORT
+    kafka_controller: int = KAFKA_CONTROLLER_PORT
+    cassandra: int = CASSANDRA_PORT
+    cassandra_storage: int = CASSANDRA_STORAGE_PORT
+    cassandra_ssl_storage: int = CASSANDRA_SSL_STORAGE_PORT
+    cassandra_jmx: int = CASSANDRA_JMX_PORT
+
+
+DEFAULT_PORTS = Ports()
+
+
+@dataclass(frozen=True)
 class Server:
     key: str
     title: str
@@ -90,8 +109,11 @@ class Server:
     env_var: str
     port: int
     standard_port: int
+    # Every port the server listens on (checked free before a start, closed after a stop).
     ports: tuple[int, ...]
     artifacts: tuple[tuple[str, str, str], ...]
+    # The whole port set of its pair, for its configuration (controller, storage, JMX ports).
+    layout: Ports = DEFAULT_PORTS
 
     @property
     def default_address(self) -> str:
@@ -163,7 +185,8 @@ def read_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
     return versions
 
 
-def servers(versions: dict[str, str]) -> tuple[Server, Server]:
+def servers(versions: dict[str, str], ports: Ports = DEFAULT_PORTS) -> tuple[Server, Server]:
+    """Kafka and Cassandra as this script runs them, on `ports`."""
     try:
         kafka_version, cassandra_version = versions["KAFKA_VERSION"], versions["CASSANDRA_VERSION"]
     except KeyError as missing:
@@ -173,20 +196,22 @@ def servers(versions: dict[str, str]) -> tuple[Server, Server]:
         title="Kafka",
         version=kafka_version,
         env_var=KAFKA_ENV,
-        port=KAFKA_PORT,
+        port=ports.kafka,
         standard_port=9092,
-        ports=(KAFKA_PORT, KAFKA_CONTROLLER_PORT),
+        ports=(ports.kafka, ports.kafka_controller),
         artifacts=(("org.apache.kafka", "kafka_2.13", kafka_version), *KAFKA_LOG_BACKEND),
+        layout=ports,
     )
     cassandra = Server(
         key="cassandra",
         title="Cassandra",
         version=cassandra_version,
         env_var=CASSANDRA_ENV,
-        port=CASSANDRA_PORT,
+        port=ports.cassandra,
         standard_port=9042,
-        ports=(CASSANDRA_PORT, CASSANDRA_STORAGE_PORT, CASSANDRA_JMX_PORT),
+        ports=(ports.cassandra, ports.cassandra_storage, ports.cassandra_jmx),
         artifacts=(("org.apache.cassandra", "cassandra-all", cassandra_version),),
+        layout=ports,
     )
     return kafka, cassandra
 
@@ -464,26 +489,44 @@ def kafka_cluster_id() -> str:
             return cluster_id
 
 
-def launch_kafka(server: Server, paths: Paths, lib: Path, java_bin: str) -> Running:
-    fresh_run_dir(server, paths)
+def kept_run_dir(server: Server, paths: Paths, formatted: str) -> None:
+    """Check that an earlier start of this script left the run dir a restart needs."""
+    run_dir = paths.run_dir(server)
+    if not (run_dir / RUN_MARKER).exists() or not (paths.data(server) / formatted).exists():
+        raise ServiceError(
+            f"cannot restart {server.title} on its data: {run_dir} holds no data of an earlier "
+            "start by this script; start it fresh instead"
+        )
+
+
+def launch_kafka(
+    server: Server, paths: Paths, lib: Path, java_bin: str, *, fresh: bool = True
+) -> Running:
+    """Start Kafka: on a wiped, newly formatted run dir, or (`fresh=False`) on the data of
+    its previous run there, as a broker restart does."""
+    if fresh:
+        fresh_run_dir(server, paths)
+    else:
+        kept_run_dir(server, paths, "meta.properties")
     values = {
         "host": HOST,
-        "port": str(KAFKA_PORT),
-        "controller_port": str(KAFKA_CONTROLLER_PORT),
+        "port": str(server.port),
+        "controller_port": str(server.layout.kafka_controller),
         "data_dir": str(paths.data(server)),
         "log_file": str(paths.server_log(server)),
     }
     properties = render("kafka/server.properties", paths.conf(server) / "server.properties", values)
     log4j = render("kafka/log4j.properties", paths.conf(server) / "log4j.properties", values)
     common = [f"-Dlog4j.configuration={log4j.as_uri()}", "-cp", f"{lib}/*"]
-    format_command = [java_bin, "-Xmx256m", *common, "kafka.tools.StorageTool", "format"]
-    format_command += ["-t", kafka_cluster_id(), "-c", str(properties)]
-    result = subprocess.run(format_command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise ServiceError(
-            f"formatting Kafka storage failed:\n{tail(result.stdout + result.stderr)}\n"
-            f"See {paths.server_log(server)}."
-        )
+    if fresh:
+        format_command = [java_bin, "-Xmx256m", *common, "kafka.tools.StorageTool", "format"]
+        format_command += ["-t", kafka_cluster_id(), "-c", str(properties)]
+        result = subprocess.run(format_command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise ServiceError(
+                f"formatting Kafka storage failed:\n{tail(result.stdout + result.stderr)}\n"
+                f"See {paths.server_log(server)}."
+            )
     heap_and_gc = ["-Xms512m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
     command = [
         java_bin,
@@ -504,14 +547,15 @@ def jvm_options(path: Path) -> list[str]:
 
 
 def cassandra_system_properties(paths: Paths, server: Server) -> list[str]:
+    jmx_port = server.layout.cassandra_jmx
     return [
         f"-Dcassandra.config={(paths.conf(server) / 'cassandra.yaml').as_uri()}",
         f"-Dlogback.configurationFile={paths.conf(server) / 'logback.xml'}",
         f"-Dcassandra.storagedir={paths.data(server)}",
         f"-Dcassandra.logdir={paths.logs(server)}",
         "-Dcassandra-foreground=yes",
-        f"-Dcassandra.jmx.local.port={CASSANDRA_JMX_PORT}",  # nodetool -p 17199
-        f"-Dcom.sun.management.jmxremote.rmi.port={CASSANDRA_JMX_PORT}",  # no random RMI port
+        f"-Dcassandra.jmx.local.port={jmx_port}",  # nodetool -p 17199 (the default)
+        f"-Dcom.sun.management.jmxremote.rmi.port={jmx_port}",  # no random RMI port
         f"-Dcassandra.triggers_dir={paths.conf(server) / 'triggers'}",
         "-XX:+ExitOnOutOfMemoryError",
         "-Djava.net.preferIPv4Stack=true",
@@ -535,13 +579,22 @@ def without_memory_locking() -> list[str]:
     return [setpriv, "--bounding-set", "-ipc_lock", "--"]
 
 
-def launch_cassandra(server: Server, paths: Paths, lib: Path, java_bin: str) -> Running:
+def launch_cassandra(
+    server: Server, paths: Paths, lib: Path, java_bin: str, *, fresh: bool = True
+) -> Running:
+    """Start Cassandra on a wiped run dir. Never on old data: -Dcassandra.unsafesystem=true
+    (below) makes a restarted node forget the keyspaces created after it booted."""
+    if not fresh:
+        raise ServiceError(
+            "Cassandra cannot be restarted on its data here: it runs with "
+            "-Dcassandra.unsafesystem=true, which loses the schema created since its start"
+        )
     fresh_run_dir(server, paths)
     values = {
         "host": HOST,
-        "port": str(CASSANDRA_PORT),
-        "storage_port": str(CASSANDRA_STORAGE_PORT),
-        "ssl_storage_port": str(CASSANDRA_SSL_STORAGE_PORT),
+        "port": str(server.port),
+        "storage_port": str(server.layout.cassandra_storage),
+        "ssl_storage_port": str(server.layout.cassandra_ssl_storage),
         "data_dir": str(paths.data(server)),
         "log_file": str(paths.server_log(server)),
     }
@@ -742,17 +795,41 @@ def bring_up(server: Server, paths: Paths, deadline_s: float, abort: threading.E
         say(f"{server.title} already running (pid {process.pid}), waiting until it is ready")
         wait_ready(server, addresses, process, deadline_s, abort)
         return
+    start_local(server, paths, deadline_s, abort)
+
+
+def start_local(
+    server: Server,
+    paths: Paths,
+    deadline_s: float,
+    abort: threading.Event | None = None,
+    *,
+    fresh: bool = True,
+) -> Running:
+    """Start the server on HOST at its ports and wait until it is ready; returns its process.
+
+    A server of this script's own, whatever `server.env_var` says. `fresh=False` restarts Kafka
+    on the data its previous run left in `paths` (see `launch_kafka`).
+    """
+    abort = abort if abort is not None else threading.Event()
     check_ports_free(server)
     lib = fetch(server, paths)
     if abort.is_set():
         raise AbortedError
     launch = launch_kafka if server.key == "kafka" else launch_cassandra
     launched = time.monotonic()  # ready times include Kafka's storage format step
-    process = launch(server, paths, lib, java())
+    process = launch(server, paths, lib, java(), fresh=fresh)
     say(
         f"started {server.title} {server.version} (pid {process.pid}), logs in {paths.logs(server)}"
     )
-    wait_ready(server, addresses, process, deadline_s, abort, started=launched)
+    try:
+        wait_ready(server, [(HOST, server.port)], process, deadline_s, abort, started=launched)
+    except BaseException:
+        # Not left behind half-started; its logs stay in the run dir.
+        with contextlib.suppress(ServiceError):
+            terminate(server, paths, process)
+        raise
+    return process
 
 
 def print_log_tails(server: Server, paths: Paths) -> None:

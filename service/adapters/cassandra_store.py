@@ -21,6 +21,7 @@ from typing import Any, Self
 
 from cassandra import (
     ConsistencyLevel,
+    InvalidRequest,
     OperationTimedOut,
     ProtocolVersion,
     RequestExecutionException,
@@ -38,7 +39,6 @@ from cassandra.cluster import (
 # Explicit, so a missing libev fails loudly instead of falling back: the asyncore reactor
 # warns on import (deprecated module), and the asyncio reactor is marked experimental and calls
 # `asyncio.set_event_loop` on whichever thread opens the first connection.
-from cassandra.concurrent import execute_concurrent
 from cassandra.connection import ConnectionBusy, ConnectionException
 from cassandra.io.libevreactor import LibevConnection
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
@@ -230,6 +230,9 @@ SELECT_STORAGE_MODE = (
 )
 SELECT_TABLES = "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s"
 
+# How Cassandra says a keyspace or table is missing (not migrated yet, or dropped).
+_MISSING_SCHEMA = re.compile(r"unconfigured table|does not exist", re.IGNORECASE)
+
 # What the driver raises when the cluster, not the request, is at fault.
 _UNAVAILABLE = (
     OperationTimedOut,
@@ -301,9 +304,11 @@ def build_cluster(settings: CassandraSettings) -> Cluster:
         contact_points=[host for host, _ in points],
         port=native_port(points),
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
-        # Cassandra 4.0+ speaks v5; left to negotiate, the driver first tries DSE versions and
-        # logs a downgrade warning on every connect.
-        protocol_version=ProtocolVersion.V5,
+        # Pinned: left to negotiate, the driver first tries DSE versions and logs a downgrade
+        # warning on every connect. v4, not v5: v5 wraps every request and response in
+        # segments whose header checksum (CRC24) the driver computes in pure Python, bit by
+        # bit, ~8% of a worker's CPU here; TCP already checksums the bytes.
+        protocol_version=ProtocolVersion.V4,
         connection_class=LibevConnection,
         # The driver writes a request in 4 KiB pieces; with Nagle's algorithm the last piece
         # of any larger request (a batch) waits for the server's delayed ACK: 40 ms each,
@@ -350,6 +355,13 @@ def unavailable_on_driver_errors() -> Iterator[None]:
         yield
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(f"Cassandra did not answer ({type(exc).__name__}).") from exc
+
+
+def _not_migrated(exc: InvalidRequest) -> StoreUnavailable:
+    # Not ready rather than broken: a worker started before `db migrate` waits for it.
+    return StoreUnavailable(
+        f"the keyspace or its tables are missing ({exc}); run `shapstream db migrate`"
+    )
 
 
 def _driver_ms(moment: datetime) -> int:
@@ -415,6 +427,7 @@ class CassandraStore:
         self._settings = settings
         self._ttl_s = ttl_seconds(retention)
         self._fast_timeout_s = settings.fast_timeout_s
+        self._replication = settings.replication_factor
         self._statements: _Statements | None = None
         self._prepare_lock = asyncio.Lock()
 
@@ -517,31 +530,27 @@ class CassandraStore:
             for row in rows
         }
 
-    async def put_claims(self, claims: Sequence[Claim]) -> None:
-        """Unlogged batches of rows sharing their replicas, at the gateway's short deadline."""
-        statements = await self._prepared()
-        writes = [
+    def _claim_writes(
+        self, statements: _Statements, claims: Sequence[Claim]
+    ) -> list[BoundStatement]:
+        return [
             statements.insert_claim.bind(
                 (claim.transaction_id, claim.request_hash, claim.response, self._ttl_s)
             )
             for claim in claims
         ]
-        await asyncio.gather(
-            *(
-                self._execute(batch, driver_timeout_s=self._fast_timeout_s)
-                for batch in grouped_batches(writes, self._replicas_of)
-            )
-        )
 
     def _replicas_of(self, routing_key: bytes) -> Hashable:
-        """The nodes holding a partition key (one group for all when the ring is unknown)."""
+        """The nodes holding a partition key; one group for all when every node holds every
+        partition (RF >= nodes: a single node, or three nodes at RF 3) or the ring is unknown."""
         metadata = self._cluster.metadata
-        if metadata.token_map is None:
+        if metadata.token_map is None or len(metadata.all_hosts()) <= self._replication:
             return None
         return frozenset(metadata.get_replicas(self.keyspace, routing_key))
 
-    async def write(self, records: Sequence[DecisionRecord]) -> None:
-        """Upsert each record into both tables, `write_concurrency` statements in flight at most.
+    async def write(self, records: Sequence[DecisionRecord], claims: Sequence[Claim] = ()) -> None:
+        """Upsert each record into both tables, and the claims, in unlogged batches of rows
+        sharing their replicas, `write_concurrency` requests in flight at most.
 
         Raises the first failure (a timeout included: the write may or may not have landed,
         and the caller redelivers; every statement is an idempotent upsert).
@@ -555,17 +564,25 @@ class CassandraStore:
             for columns in map(to_columns, records)
             for write in self._record_writes(statements, columns, self._record_ttl(columns, now_ms))
         ]
-        requests = [(batch, None) for batch in grouped_batches(writes, self._replicas_of)]
-        # The driver's own concurrent executor, on one thread for the whole batch: bridging
-        # each response to the event loop would wake it twice per request.
-        with unavailable_on_driver_errors():
-            await asyncio.to_thread(
-                execute_concurrent,
-                self._session,
-                requests,
-                concurrency=self._settings.write_concurrency,
-                raise_on_first_error=True,
-            )
+        writes += self._claim_writes(statements, claims)
+        # Batched, a worker's batch is a handful of requests: each awaited on the event loop
+        # costs less than handing the lot to a thread.
+        limit = asyncio.Semaphore(self._settings.write_concurrency)
+
+        async def send(request: Statement) -> None:
+            async with limit:
+                try:
+                    await self._execute(request)
+                except InvalidRequest as exc:
+                    if _MISSING_SCHEMA.search(str(exc)):
+                        raise _not_migrated(exc) from exc
+                    # The server refused the content (a value too large, say), not an outage:
+                    # the caller writes record by record and sets the refused one aside.
+                    raise ValueError(f"Cassandra refused a write: {exc}") from exc
+
+        # The first failure is raised as it is (StoreUnavailable for an outage); the other
+        # requests still finish, harmlessly: the caller writes the whole batch again.
+        await asyncio.gather(*(send(r) for r in grouped_batches(writes, self._replicas_of)))
 
     async def get(self, transaction_id: str) -> DecisionRecord | None:
         statements = await self._prepared()
@@ -679,12 +696,13 @@ class CassandraStore:
     def _record_writes(
         self, statements: _Statements, columns: RecordColumns, ttl: int
     ) -> tuple[BoundStatement, BoundStatement]:
-        """The two upserts of one record, sent separately rather than as a logged batch.
+        """The two upserts of one record, never in a logged batch together.
 
         A logged batch would make Cassandra write and delete a batchlog entry per record (the
         dearest part of the write at 1,000 records/s). It is not needed: the worker commits
         its offsets only after both writes succeeded, so a copy missing after a crash is
         rewritten on redelivery; both upserts are idempotent, so the driver may retry them.
+        They travel in unlogged batches of rows sharing their replicas (`grouped_batches`).
         """
         day = utc_day(columns.decided_at_ms)
         bucket = day_bucket(columns.txn_id, self._settings.day_buckets)
@@ -723,7 +741,10 @@ class CassandraStore:
         if self._statements is None:
             async with self._prepare_lock:
                 if self._statements is None:
-                    self._statements = await asyncio.to_thread(self._prepare_all)
+                    try:
+                        self._statements = await asyncio.to_thread(self._prepare_all)
+                    except InvalidRequest as exc:
+                        raise _not_migrated(exc) from exc
         return self._statements
 
     def _prepare_all(self) -> _Statements:

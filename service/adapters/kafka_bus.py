@@ -301,6 +301,8 @@ class KafkaSource:
             # Nothing is published transactionally today; if a producer ever is, aborted
             # events must never be explained.
             isolation_level="read_committed",
+            fetch_min_bytes=settings.fetch_min_bytes,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
             session_timeout_ms=10_000,
             heartbeat_interval_ms=3_000,
             rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,

@@ -4,6 +4,7 @@ For the single-process demo only. Kafka paths are always tested against Kafka.
 """
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -138,7 +139,10 @@ class LocalBus:
         return max(0.0, time.time() - self._oldest_at)
 
     async def dead_letter(self, payload: bytes, reason: str) -> None:
-        await self._outbox.execute(_INSERT_DEAD, (reason, payload, time.time()))
+        try:
+            await self._outbox.execute(_INSERT_DEAD, (reason, payload, time.time()))
+        except (sqlite3.OperationalError, OutboxClosed) as exc:
+            raise BusUnavailable("the embedded outbox could not keep the dead letter") from exc
 
     async def dead_letters(self) -> list[DeadLetter]:
         """Everything dead-lettered so far, oldest first (for inspection and tests)."""

@@ -26,6 +26,7 @@ from service.adapters.record_codec import (
 )
 from service.core.records import Claim, DecisionRecord, ModelArtifact
 from service.core.schema import ModelSchema
+from service.errors import StoreUnavailable
 from service.settings import Settings
 
 DB_FILE = "explanations.sqlite3"
@@ -224,19 +225,16 @@ class SqliteStore:
     async def find_claims(self, transaction_ids: Sequence[str]) -> dict[str, Claim]:
         return await self._run(self._find_claims, list(transaction_ids), _now_ms())
 
-    async def put_claims(self, claims: Sequence[Claim]) -> None:
-        expires_at_ms = _now_ms() + self._retention_ms
-        rows = [(c.transaction_id, c.request_hash, c.response, expires_at_ms) for c in claims]
-        await self._run(self._upsert_claims, rows)
-
-    async def write(self, records: Sequence[DecisionRecord]) -> None:
+    async def write(self, records: Sequence[DecisionRecord], claims: Sequence[Claim] = ()) -> None:
         """Upsert a batch in one transaction; writing the same records again changes nothing."""
         # Retention counts from the decision, as in the Cassandra store: a replay keeps the expiry.
         rows = [
             _decision_row(columns, columns.decided_at_ms + self._retention_ms)
             for columns in map(to_columns, records)
         ]
-        await self._run(self._write, rows)
+        expires_at_ms = _now_ms() + self._retention_ms
+        claim_rows = [(c.transaction_id, c.request_hash, c.response, expires_at_ms) for c in claims]
+        await self._run(self._write, rows, claim_rows)
 
     async def get(self, transaction_id: str) -> DecisionRecord | None:
         row = await self._run(self._fetch_one, SELECT_DECISION, (transaction_id, _now_ms()))
@@ -288,7 +286,11 @@ class SqliteStore:
         return timedelta(milliseconds=self._retention_ms)
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        except sqlite3.OperationalError as exc:
+            # Locked past the busy timeout, or a disk that failed: an outage, as for Cassandra.
+            raise StoreUnavailable(f"the SQLite store did not answer ({exc})") from exc
 
     def _migrate(self) -> None:
         with _transaction(self._connection):
@@ -303,9 +305,10 @@ class SqliteStore:
         rows: list[tuple[Any, ...]] = self._connection.execute(sql, parameters).fetchall()
         return rows
 
-    def _write(self, rows: list[tuple[Any, ...]]) -> None:
+    def _write(self, rows: list[tuple[Any, ...]], claim_rows: list[tuple[Any, ...]]) -> None:
         with _transaction(self._connection):
             self._connection.executemany(UPSERT_DECISION, rows)
+            self._connection.executemany(UPSERT_CLAIM, claim_rows)
 
     def _find_claims(self, ids: list[str], now_ms: int) -> dict[str, Claim]:
         found: dict[str, Claim] = {}
@@ -314,10 +317,6 @@ class SqliteStore:
             if row is not None:
                 found[txn] = Claim(transaction_id=txn, request_hash=row[0], response=row[1])
         return found
-
-    def _upsert_claims(self, rows: list[tuple[Any, ...]]) -> None:
-        with _transaction(self._connection):
-            self._connection.executemany(UPSERT_CLAIM, rows)
 
     def _put_model(self, artifact: ModelArtifact, feature_names: list[str], now_ms: int) -> None:
         with _transaction(self._connection):

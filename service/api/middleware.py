@@ -6,6 +6,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.problems import problem_response
+from service.errors import retry_after
 from service.metrics import Metrics
 
 
@@ -57,6 +58,9 @@ class _TooLarge(HTTPException):
 # Set in the scope of a request taken up while the gateway is busy (a quarter of its bound in
 # flight): requests may have waited their turn, so their client may have gone meanwhile.
 BUSY = "shapstream.busy"
+# When the request reached the gateway (time.monotonic()): its deadline counts from there,
+# time spent waiting for its turn, its body and its key check included.
+ARRIVED = "shapstream.arrived"
 
 
 class LoadShedding:
@@ -82,10 +86,11 @@ class LoadShedding:
             self.metrics.shed.labels(reason="overload").inc()
             detail = f"The gateway is serving {self.max_in_flight} requests already."
             response = problem_response(
-                503, "overloaded", "Overloaded", detail, headers={"Retry-After": "1"}
+                503, "overloaded", "Overloaded", detail, headers={"Retry-After": retry_after(1.0)}
             )
             await response(scope, receive, send)
             return
+        scope[ARRIVED] = time.monotonic()
         self.in_flight += 1
         if self.in_flight > self.max_in_flight // 4:
             scope[BUSY] = True

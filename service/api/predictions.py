@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from service.api.auth import AUTH_RESPONSES, SECURITY, authorize
 from service.api.deps import app_state, body_schema, parse_body
-from service.api.middleware import BUSY
+from service.api.middleware import ARRIVED, BUSY
 from service.core.access import Scope
 from service.core.records import DecisionResponse
 from service.errors import Overloaded
@@ -58,6 +58,8 @@ async def predict(request: Request) -> Response:
         # Its client gave up while the request waited its turn: nobody would read the answer.
         state.metrics.shed.labels(reason="client-gone").inc()
         raise Overloaded("The client disconnected before the decision was made.")
-    answer = await state.decider.decide(body.features, body.model, body.transaction_id)
+    answer = await state.decider.decide(
+        body.features, body.model, body.transaction_id, request.scope.get(ARRIVED)
+    )
     # Bytes as first answered (orjson); FastAPI would validate and encode the model again.
     return Response(answer, media_type="application/json")

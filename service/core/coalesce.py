@@ -3,8 +3,9 @@
 Per request, Cassandra and its driver spend most of their CPU on the request itself, not the
 row: 16 claim reads in one `IN` query cost a fraction of 16 separate reads on both sides
 (docs/decision-path.md). A `Coalescer` sends an item at once when no batch is in flight;
-items arriving while `max_in_flight` batches are out go together in the next one. An idle
-service pays no added latency; a busy one gets larger batches.
+items arriving while one is out go together in the next one, which leaves early only when
+it is full (`max_batch`), up to `max_in_flight` batches. An idle service pays no added
+latency; a busy one sends few, large batches; a very busy one sends full ones in parallel.
 """
 
 import asyncio
@@ -28,27 +29,33 @@ class Coalescer(Generic[K, R]):
         self._run_batch = run_batch
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._pending: dict[K, asyncio.Future[R]] = {}
+        # One future per call, so a caller that gives up cancels only its own.
+        self._pending: list[tuple[K, asyncio.Future[R]]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
 
     async def submit(self, key: K) -> R:
-        """The batch result for `key`; a caller that stops waiting leaves the batch unharmed."""
-        return await asyncio.shield(self.submit_nowait(key))
+        """The batch result for `key`; a caller that stops waiting leaves the batch unharmed
+        (its own future is cancelled, and the batch skips settling it)."""
+        return await self.submit_nowait(key)
 
     def submit_nowait(self, key: K) -> "asyncio.Future[R]":
         """Queue `key` for the next batch without waiting; the future settles with its result."""
-        future = self._pending.get(key)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._pending[key] = future
-            self._maybe_send()
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((key, future))
+        self._maybe_send()
         return future
 
     def _maybe_send(self) -> None:
-        while self._pending and len(self._in_flight) < self._max_in_flight:
-            keys = list(self._pending)[: self._max_batch]
-            futures = [self._pending.pop(key) for key in keys]
-            task = asyncio.create_task(self._send(keys, futures), name="coalesced-batch")
+        while self._pending:
+            out = len(self._in_flight)
+            full = len(self._pending) >= self._max_batch
+            if out >= self._max_in_flight or (out > 0 and not full):
+                return
+            calls, self._pending = (
+                self._pending[: self._max_batch],
+                self._pending[self._max_batch :],
+            )
+            task = asyncio.create_task(self._send(calls), name="coalesced-batch")
             self._in_flight.add(task)
             task.add_done_callback(self._sent)
 
@@ -56,9 +63,11 @@ class Coalescer(Generic[K, R]):
         self._in_flight.discard(task)
         self._maybe_send()
 
-    async def _send(self, keys: list[K], futures: list["asyncio.Future[R]"]) -> None:
+    async def _send(self, calls: list[tuple[K, "asyncio.Future[R]"]]) -> None:
+        futures = [future for _, future in calls]
         try:
-            results = await self._run_batch(keys)
+            # A key asked twice in one batch is asked once.
+            results = await self._run_batch(list(dict.fromkeys(key for key, _ in calls)))
         # Whatever failed the batch failed each of its callers: they get it, not this task.
         except Exception as exc:  # noqa: BLE001
             for future in futures:
@@ -71,7 +80,7 @@ class Coalescer(Generic[K, R]):
             for future in futures:
                 future.cancel()
             raise
-        for key, future in zip(keys, futures, strict=True):
+        for key, future in calls:
             if not future.done():
                 future.set_result(results[key])
 

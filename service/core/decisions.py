@@ -10,6 +10,7 @@ workers keep the first event of an id and skip or dead-letter later ones.
 
 import asyncio
 import hashlib
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -27,10 +28,10 @@ from service.errors import Conflict, FieldProblem, InvalidRequest, Overloaded, U
 from service.metrics import Metrics
 from service.ports import EventBus, ExplanationStore
 
-# Claims read (or written) per store request, and store requests in flight at once: a lone
-# request goes at once, and under load each carries the ids that arrived meanwhile.
-CLAIMS_PER_REQUEST = 64
-CLAIM_REQUESTS = 1
+# Claims read per store request, and store requests in flight at most: a lone request goes at
+# once, and under load each carries the ids that arrived while the previous one was out.
+CLAIMS_PER_REQUEST = 32
+CLAIM_REQUESTS = 8
 
 
 def request_hash(features: Mapping[str, Any], model: str | None) -> str:
@@ -62,8 +63,6 @@ class Decider:
         self._recent = recent
         self._metrics = metrics
         self._timeout_s = timeout_s
-        # Decisions being published; held so none is collected mid-flight, drained at close.
-        self._committing: set[asyncio.Future[Claim]] = set()
         # Claim reads of concurrent requests travel together: one store request for many ids.
         self._reads: Coalescer[str, Claim | None] = Coalescer(
             self._read_claims, max_batch=CLAIMS_PER_REQUEST, max_in_flight=CLAIM_REQUESTS
@@ -74,14 +73,21 @@ class Decider:
         features: Mapping[str, Any],
         model_name: str | None,
         transaction_id: str | None,
+        arrived: float | None = None,
     ) -> bytes:
-        """The answer's bytes: a new decision, or the first answer given for a repeated id."""
+        """The answer's bytes: a new decision, or the first answer given for a repeated id.
+
+        `arrived` (time.monotonic()) is when the request reached the gateway: the deadline
+        counts from then (from now when None).
+        """
         model = self._model(model_name)
         x = _encode(model, features)
         fingerprint = request_hash(features, model_name)
         txn = transaction_id or uuid.uuid4().hex
+        deadline = (time.monotonic() if arrived is None else arrived) + self._timeout_s
+        # The event loop's clock is time.monotonic(), so the two deadlines are comparable.
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout_at(deadline):
                 if transaction_id is None:
                     # A fresh uuid cannot repeat: no claim to read or write.
                     decided = _new_claim(model, features, x, txn, fingerprint)
@@ -133,12 +139,13 @@ class Decider:
                 claim = found
                 return self._repeat(found, fingerprint, "store")
             decided = _new_claim(model, features, x, txn, fingerprint)
-            # Shielded: once the event may be durable, the claim must follow it even if this
-            # request's deadline passes meanwhile, so that its retry finds the answer.
-            commit = asyncio.ensure_future(self._commit(decided))
-            self._committing.add(commit)
-            commit.add_done_callback(self._committed)
-            claim = await asyncio.shield(commit)
+            # Past the deadline here, the publish may still complete (the bus does not take a
+            # queued event back): the client's retry then decides again, with the same answer,
+            # and the worker keeps the first of the two events.
+            await self._publish(decided.event)
+            claim = decided.claim
+            # Other gateways learn of it from its claim, which the worker writes with the record.
+            self._recent.remember(claim)
             return claim.response
         except BaseException as exc:
             error = exc
@@ -146,28 +153,12 @@ class Decider:
         finally:
             self._recent.finish(txn, claim, error)
 
-    async def _commit(self, decided: "_NewClaim") -> Claim:
-        """Publish, remember, record the claim; the answer stands once the event is durable."""
-        await self._publish(decided.event)
-        claim = decided.claim
-        # Other gateways learn of it from its claim, which the worker writes with its record.
-        self._recent.remember(claim)
-        return claim
-
     async def _read_claims(self, ids: Sequence[str]) -> dict[str, Claim | None]:
         found = await self._store_guard.call(lambda: self._store.find_claims(ids))
         return {txn: found.get(txn) for txn in ids}
 
-    def _committed(self, commit: "asyncio.Future[Claim]") -> None:
-        self._committing.discard(commit)
-        # Its error reached the request, or the request was gone: either way it is handled.
-        if not commit.cancelled():
-            commit.exception()
-
     async def drain(self) -> None:
-        """Wait for the decisions and claim reads under way (before the bus and store close)."""
-        while self._committing:
-            await asyncio.gather(*self._committing, return_exceptions=True)
+        """Wait for the claim reads under way (before the store closes)."""
         await self._reads.close()
 
     def _repeat(self, claim: Claim, fingerprint: str, source: str) -> bytes:

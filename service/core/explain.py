@@ -127,7 +127,9 @@ def _record(
     # Rounded to the float32 the stores keep before reasons and hash are derived from them,
     # so the record read back is the record hashed.
     attributions = stored_attributions(contributions[:, :-1])
-    record = DecisionRecord(
+    # Built without validation: every part comes validated (the event) or typed (numpy's
+    # floats, the reasons), and validating ~25 fields again cost the worker ~15 us a record.
+    record = DecisionRecord.model_construct(
         transaction_id=event.transaction_id,
         model=event.model,
         features=event.features,

@@ -45,8 +45,9 @@ def canonical_time(moment: datetime) -> str:
     """UTC ISO 8601 with exactly three decimals and a 'Z'; a naive datetime is refused."""
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"timestamp {moment.isoformat()} has no time zone")
-    utc = moment.astimezone(UTC)
-    return f"{utc:%Y-%m-%dT%H:%M:%S}.{utc.microsecond // 1000:03d}Z"
+    # isoformat truncates to the millisecond (never rounds up), and is C: strftime cost the
+    # worker ~5 us per record.
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
 
 
 def stored_attributions(rows: ArrayLike) -> list[list[float]]:
@@ -84,6 +85,7 @@ def record_hash(record: DecisionRecord) -> str:
 
 def sealed(record: DecisionRecord) -> DecisionRecord:
     """`record` with its `record_hash` set from its content."""
+    # A shallow copy: every other field is shared, none is re-validated.
     return record.model_copy(update={"record_hash": record_hash(record)})
 
 

@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from cassandra import InvalidRequest
 from cassandra.cluster import Session
 
 from service.adapters.cassandra_store import (
@@ -21,6 +20,7 @@ from service.adapters.cassandra_store import (
 )
 from service.adapters.record_codec import to_epoch_ms, utc_day
 from service.core.records import DecisionRecord
+from service.errors import StoreUnavailable
 from service.ports import ExplanationStore
 from service.settings import CassandraSettings
 from tests.store_contract import (
@@ -117,8 +117,7 @@ class TestCassandraStore(StoreContract):
         self, store: ExplanationStore, settings: CassandraSettings, cql: Session
     ) -> None:
         record = binary_record(decided_at=datetime.now(UTC))
-        await store.write([record])
-        await store.put_claims([claim_for(record.transaction_id, "sha256:aaaa")])
+        await store.write([record], [claim_for(record.transaction_id, "sha256:aaaa")])
         claims = await query(
             cql,
             f"SELECT TTL(request_hash) AS h, TTL(response) AS r "
@@ -168,7 +167,7 @@ class TestCassandraStore(StoreContract):
         try:
             await store.ping()
             assert await store.existing_tables() == set()
-            with pytest.raises(InvalidRequest):
+            with pytest.raises(StoreUnavailable, match="shapstream db migrate"):
                 await store.get(new_id())
         finally:
             await store.close()

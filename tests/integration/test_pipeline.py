@@ -127,6 +127,8 @@ def stack(
         "SHAPSTREAM_KAFKA_DEAD_LETTER_TOPIC": f"pipeline-{run}-dlq",
         "SHAPSTREAM_KAFKA_GROUP_ID": f"pipeline-{run}",
         "SHAPSTREAM_CASSANDRA_KEYSPACE": keyspace,
+        # A gateway's own spool: another run's (or another checkout's) must not be shared.
+        "SHAPSTREAM_SPOOL_DIR": str(work / "spool"),
     }
     logs = [work / "gateway.log", work / "worker.log"]
     commands = [[SHAPSTREAM, "serve", "--port", str(port)], [SHAPSTREAM, "worker"]]

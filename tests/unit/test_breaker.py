@@ -84,7 +84,7 @@ async def test_guard_times_out_counts_and_then_fails_fast() -> None:
         await guard.call(stalled)
     assert loop.time() - started < 0.01
     assert calls == 2
-    assert refused.value.response_headers()["Retry-After"] == "30"
+    assert 30 <= int(refused.value.response_headers()["Retry-After"]) <= 90
 
 
 async def test_guard_counts_unavailable_but_not_other_errors() -> None:

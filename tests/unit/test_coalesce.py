@@ -69,12 +69,33 @@ async def test_a_caller_that_stops_waiting_leaves_the_others_their_answer() -> N
     calls = Recorder()
     calls.release.clear()
     coalescer: Coalescer[int, int] = Coalescer(calls, max_batch=10, max_in_flight=1)
+    busy = asyncio.ensure_future(coalescer.submit(0))  # keeps the next two waiting together
+    await settle()
     impatient = asyncio.ensure_future(coalescer.submit(1))
     patient = asyncio.ensure_future(coalescer.submit(1))
     await settle()
     impatient.cancel()
     calls.release.set()
     assert await patient == 10
+    assert await busy == 0
     with pytest.raises(asyncio.CancelledError):
         await impatient
+    assert calls.batches == [[0], [1]]
     await coalescer.close()
+
+
+async def test_only_a_full_batch_leaves_while_another_is_out() -> None:
+    calls = Recorder()
+    calls.release.clear()
+    coalescer: Coalescer[int, int] = Coalescer(calls, max_batch=3, max_in_flight=2)
+    waiting = [asyncio.ensure_future(coalescer.submit(k)) for k in range(1)]
+    await settle()
+    waiting += [asyncio.ensure_future(coalescer.submit(k)) for k in (1, 2)]
+    await settle()
+    assert calls.batches == [[0]]  # two waiting: not a full batch, they wait for the first
+    waiting += [asyncio.ensure_future(coalescer.submit(k)) for k in (3, 4, 5, 6)]
+    await settle()
+    assert calls.batches == [[0], [1, 2, 3]]  # a full batch goes; then the bound of two holds
+    calls.release.set()
+    assert [await w for w in waiting] == [k * 10 for k in range(7)]
+    assert calls.batches[2:] == [[4, 5, 6]]

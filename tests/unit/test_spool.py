@@ -91,7 +91,7 @@ async def test_a_full_spool_refuses_at_once(dead_kafka: KafkaSettings, tmp_path:
         with pytest.raises(BusUnavailable, match="spool is full") as refused:
             await bus.publish(event(3))
         assert time.perf_counter() - started < 0.05
-        assert refused.value.response_headers()["Retry-After"] == "5"
+        assert 5 <= int(refused.value.response_headers()["Retry-After"]) <= 15
         assert not bus.status().accepting
         assert metrics.spool_refusals._value.get() == 1
     finally:
