@@ -31,7 +31,16 @@ import orjson
 
 from bench.cpu import fmt_us, per_op_us, read_cpu
 from bench.loadgen import Result, median, open_loop, with_transaction_ids
-from bench.procs import ROOT, SHAPSTREAM, backend_pids, create_key, free_port, running, wait_http
+from bench.procs import (
+    ROOT,
+    SHAPSTREAM,
+    backend_pids,
+    create_key,
+    drop_run_data,
+    free_port,
+    running,
+    wait_http,
+)
 from service.adapters.cassandra_store import CassandraStore
 from service.settings import CassandraSettings, Settings
 
@@ -172,6 +181,8 @@ def measure(args: argparse.Namespace, payloads: list[bytes], index: int) -> Run:
             _say(f"run {index + 1}/{args.runs}: waiting for the workers to write {len(txns)}")
             written = _drain(metric_ports, len(txns))
     freshness = asyncio.run(read_back(keyspace, txns))
+    topics = [env["SHAPSTREAM_KAFKA_TOPIC"], env["SHAPSTREAM_KAFKA_DEAD_LETTER_TOPIC"]]
+    asyncio.run(drop_run_data(keyspace, topics))
     return Run(
         result=result,
         answered=len(txns),

@@ -42,7 +42,16 @@ import orjson
 from bench import mlserver
 from bench.cpu import fmt_us, per_op_us, read_cpu
 from bench.loadgen import Body, Result, closed_loop, cycling, median, with_transaction_ids
-from bench.procs import ROOT, SHAPSTREAM, backend_pids, create_key, free_port, running, wait_http
+from bench.procs import (
+    ROOT,
+    SHAPSTREAM,
+    backend_pids,
+    create_key,
+    drop_run_data,
+    free_port,
+    running,
+    wait_http,
+)
 from bench.reference_models import build
 from service.benchmarks.engine import synthetic_rows
 from service.core.registry import LoadedModel
@@ -191,7 +200,7 @@ def main() -> None:
         **ONE_THREAD,
         "SHAPSTREAM_MODELS_DIR": str(model_dir.parent),
         "SHAPSTREAM_KAFKA_TOPIC": f"bench-gateway-{run_id}",
-        "SHAPSTREAM_CASSANDRA_KEYSPACE": "shapstream_bench",
+        "SHAPSTREAM_CASSANDRA_KEYSPACE": f"bench_gateway_{run_id}",
         "SHAPSTREAM_LOG_LEVEL": "WARNING",
         # A spool of this run's own, under bench/out: never one an earlier run left behind.
         "SHAPSTREAM_SPOOL_DIR": str(work / f"spool-{run_id}"),
@@ -267,6 +276,9 @@ def main() -> None:
                     f"CPU/req {per_process}",
                     flush=True,
                 )
+    asyncio.run(
+        drop_run_data(env["SHAPSTREAM_CASSANDRA_KEYSPACE"], [env["SHAPSTREAM_KAFKA_TOPIC"]])
+    )
     report(list(targets.values()), args)
 
 

@@ -1,5 +1,6 @@
 """Starting and stopping the processes a benchmark measures."""
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -117,3 +118,26 @@ def backend_pids() -> dict[str, int | None]:
             if pids[server.key] is None and is_loopback(host):
                 pids[server.key] = pid_listening_on(port)
     return pids
+
+
+async def drop_run_data(keyspace: str, topics: list[str]) -> None:
+    """Drop a run's keyspace and topics: their compaction and retention would otherwise go on
+    in the servers' background and into the CPU counted for the next run."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from service.adapters.cassandra_store import build_cluster
+    from service.settings import Settings
+
+    settings = Settings()
+    cluster = build_cluster(settings.cassandra)
+    try:
+        session = await asyncio.to_thread(cluster.connect)
+        await asyncio.to_thread(session.execute, f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=120)
+    finally:
+        await asyncio.to_thread(cluster.shutdown)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics(topics)
+    finally:
+        await admin.close()

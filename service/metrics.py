@@ -31,6 +31,7 @@ class Metrics:
     in_flight: Gauge
     shed: Counter
     idempotent_replays: Counter
+    claims_per_read: Histogram
     dependency_up: Gauge
     spooling: Gauge
     spool_events: Gauge
@@ -167,6 +168,12 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "Repeated caller transaction ids answered with their first answer, by where it was "
             "found (memory of this gateway, or the store).",
             ["source"],
+            registry=reg,
+        ),
+        claims_per_read=Histogram(
+            "shapstream_claims_per_read",
+            "Transaction ids per store read of claims: concurrent requests' reads coalesced.",
+            buckets=BATCH_BUCKETS,
             registry=reg,
         ),
         dependency_up=Gauge(

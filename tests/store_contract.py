@@ -308,22 +308,29 @@ class StoreContract:
         for record in [*small, big]:
             assert await store.get(record.transaction_id) == stored(record)
 
-    async def test_claims_are_found_once_put(self, store: ExplanationStore) -> None:
-        ids = [new_id() for _ in range(5)]
+    async def test_claims_are_found_once_written_with_their_records(
+        self, store: ExplanationStore
+    ) -> None:
+        records = [binary_record(seed) for seed in range(5)]
+        ids = [r.transaction_id for r in records]
         claims = [claim_for(txn, f"sha256:{n}") for n, txn in enumerate(ids)]
         assert await store.find_claims(ids) == {}
-        await store.write([], claims[:3])
-        await store.write([], claims[:3])  # idempotent
-        unknown = new_id()
-        found = await store.find_claims([*ids, unknown])
+        await store.write(records[:3], claims[:3])
+        await store.write(records[:3], claims[:3])  # idempotent
+        await store.write(records[3:])  # records without claims claim nothing
+        found = await store.find_claims([*ids, new_id()])
         assert found == {c.transaction_id: c for c in claims[:3]}
 
     async def test_the_last_claim_of_an_id_wins(self, store: ExplanationStore) -> None:
-        transaction_id = new_id()
-        await store.write([], [claim_for(transaction_id, "sha256:aaaa")])
-        second = claim_for(transaction_id, "sha256:bbbb")
-        await store.write([], [second])
-        assert await store.find_claims([transaction_id]) == {transaction_id: second}
+        record = binary_record()
+        await store.write([record], [claim_for(record.transaction_id, "sha256:aaaa")])
+        second = claim_for(record.transaction_id, "sha256:bbbb")
+        await store.write([record], [second])
+        assert await store.find_claims([record.transaction_id]) == {record.transaction_id: second}
+
+    async def test_a_claim_without_its_record_is_refused(self, store: ExplanationStore) -> None:
+        with pytest.raises(ValueError, match="without their record"):
+            await store.write([binary_record()], [claim_for(new_id(), "sha256:aaaa")])
 
     async def test_model_round_trip(self, store: ExplanationStore) -> None:
         artifact = model_artifact(f"sha256:{uuid.uuid4().hex}")

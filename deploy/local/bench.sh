@@ -19,6 +19,9 @@ fi
 $SERVICES start
 eval "$($SERVICES env)"
 
+echo "==> idempotency designs: Cassandra CPU per caller-id decision (docs/decision-path.md)"
+$PY -m bench.claims --rounds 5 --decisions 20000
+
 # Installs MLServer 1.7.1 on first use, outside the checkout (see bench/mlserver.py).
 echo "==> gateway side by side: shapstream (caller ids, service ids), minimal FastAPI, MLServer"
 $PY -m bench.gateway --rounds 3 --seconds 10 --concurrency 16 "$@"

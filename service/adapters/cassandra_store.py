@@ -43,6 +43,7 @@ from cassandra.connection import ConnectionBusy, ConnectionException
 from cassandra.io.libevreactor import LibevConnection
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import (
+    UNSET_VALUE,
     BoundStatement,
     PreparedStatement,
     SimpleStatement,
@@ -54,6 +55,7 @@ from service.adapters.cql_batches import grouped_batches
 from service.adapters.record_codec import (
     ModelConflictError,
     RecordColumns,
+    claims_by_record,
     from_columns,
     to_columns,
     to_epoch_ms,
@@ -153,31 +155,29 @@ CREATE TABLE IF NOT EXISTS {{keyspace}}.decisions_by_day (
     PRIMARY KEY ((model_version, day, bucket), decided_at, txn_id)
 ) WITH CLUSTERING ORDER BY (decided_at ASC, txn_id ASC) AND {_TIME_WINDOWS}"""
 
-# The answer given for each caller-chosen transaction id (see docs/decision-path.md): written
-# by the gateway once the decision's event is durable, read before deciding a caller's id.
-# Plain writes and quorum reads, no lightweight transaction: a Paxos round cost ~5x a read plus
-# a write here (measured in bench/claims.py).
-CREATE_CLAIMS = """
-CREATE TABLE IF NOT EXISTS {keyspace}.claims (
-    txn_id text PRIMARY KEY,
-    request_hash text,
-    response blob
-)"""
+# A decision's claim (its request's hash and the answer's bytes) lives in its by-transaction
+# row: the gateway reads it before deciding an id (docs/decision-path.md), and the worker
+# writes it with the record, in the same statement. Added by ALTER, so `db migrate` brings a
+# keyspace made before it up to date.
+ADD_CLAIM_COLUMNS = """
+ALTER TABLE {keyspace}.decisions_by_txn ADD IF NOT EXISTS (request_hash text, response blob)"""
 
 SCHEMA = (
     CREATE_KEYSPACE,
     CREATE_MODELS,
     CREATE_DECISIONS_BY_TXN,
     CREATE_DECISIONS_BY_DAY,
-    CREATE_CLAIMS,
+    ADD_CLAIM_COLUMNS,
 )
-TABLES = ("models", "decisions_by_txn", "decisions_by_day", "claims")
+TABLES = ("models", "decisions_by_txn", "decisions_by_day")
 
+# The claim's columns last; unset (not null, which would write tombstones) without a claim.
 INSERT_DECISION_BY_TXN = """
 INSERT INTO {keyspace}.decisions_by_txn (
     txn_id, model_name, model_version, inputs, prediction, decision, base_value, attributions,
-    additivity_error, engine, decided_at, explained_at, reasons, protected_share, record_hash
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"""
+    additivity_error, engine, decided_at, explained_at, reasons, protected_share, record_hash,
+    request_hash, response
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"""
 
 INSERT_DECISION_BY_DAY = """
 INSERT INTO {keyspace}.decisions_by_day (
@@ -191,12 +191,11 @@ SELECT txn_id, model_name, model_version, inputs, prediction, decision, base_val
        additivity_error, engine, decided_at, explained_at, reasons, protected_share, record_hash
 FROM {keyspace}.decisions_by_txn WHERE txn_id = ?"""
 
-# Kept as long as the decision it answers for: a retry years later still gets the same answer.
-INSERT_CLAIM = """
-INSERT INTO {keyspace}.claims (txn_id, request_hash, response) VALUES (?, ?, ?) USING TTL ?"""
-
-# Claims of many ids in one request (the gateway's concurrent requests, coalesced).
-SELECT_CLAIMS = "SELECT txn_id, request_hash, response FROM {keyspace}.claims WHERE txn_id IN ?"
+# Claims of many ids in one request (the gateway's concurrent requests, coalesced). Kept as
+# long as the decision they answer for: a retry years later still gets the same answer.
+SELECT_CLAIMS = (
+    "SELECT txn_id, request_hash, response FROM {keyspace}.decisions_by_txn WHERE txn_id IN ?"
+)
 
 # IF NOT EXISTS keeps the first registration time when a process registers the version again.
 INSERT_MODEL = """
@@ -403,7 +402,6 @@ class _Statements:
     insert_by_txn: PreparedStatement
     insert_by_day: PreparedStatement
     select_decision: PreparedStatement
-    insert_claim: PreparedStatement
     select_claims: PreparedStatement
     insert_model: PreparedStatement
     select_model: PreparedStatement
@@ -412,7 +410,7 @@ class _Statements:
 
 
 class CassandraStore:
-    """`ExplanationStore` on Cassandra: LOCAL_QUORUM upserts with a TTL, LWT claims."""
+    """`ExplanationStore` on Cassandra: LOCAL_QUORUM upserts with a TTL, claims in the records."""
 
     def __init__(
         self,
@@ -528,17 +526,9 @@ class CassandraStore:
             )
             for rows in pages
             for row in rows
+            # A record written without its claim (none of this service's) claims nothing.
+            if row["request_hash"] is not None
         }
-
-    def _claim_writes(
-        self, statements: _Statements, claims: Sequence[Claim]
-    ) -> list[BoundStatement]:
-        return [
-            statements.insert_claim.bind(
-                (claim.transaction_id, claim.request_hash, claim.response, self._ttl_s)
-            )
-            for claim in claims
-        ]
 
     def _replicas_of(self, routing_key: bytes) -> Hashable:
         """The nodes holding a partition key; one group for all when every node holds every
@@ -549,22 +539,28 @@ class CassandraStore:
         return frozenset(metadata.get_replicas(self.keyspace, routing_key))
 
     async def write(self, records: Sequence[DecisionRecord], claims: Sequence[Claim] = ()) -> None:
-        """Upsert each record into both tables, and the claims, in unlogged batches of rows
-        sharing their replicas, `write_concurrency` requests in flight at most.
+        """Upsert each record into both tables (its claim, if given, in its by-transaction row)
+        in unlogged batches of rows sharing their replicas, `write_concurrency` requests in
+        flight at most.
 
         Raises the first failure (a timeout included: the write may or may not have landed,
         and the caller redelivers; every statement is an idempotent upsert).
         """
         statements = await self._prepared()
         now_ms = int(time.time() * 1000)
+        claim_of = claims_by_record(records, claims)
         # Encoded and bound (routing key included) up front: a record the driver cannot
         # encode fails the batch before anything is sent.
         writes = [
             write
             for columns in map(to_columns, records)
-            for write in self._record_writes(statements, columns, self._record_ttl(columns, now_ms))
+            for write in self._record_writes(
+                statements,
+                columns,
+                claim_of.get(columns.txn_id),
+                self._record_ttl(columns, now_ms),
+            )
         ]
-        writes += self._claim_writes(statements, claims)
         # Batched, a worker's batch is a handful of requests: each awaited on the event loop
         # costs less than handing the lot to a thread.
         limit = asyncio.Semaphore(self._settings.write_concurrency)
@@ -694,7 +690,7 @@ class CassandraStore:
         return max(self._ttl_s - elapsed_s, 1)
 
     def _record_writes(
-        self, statements: _Statements, columns: RecordColumns, ttl: int
+        self, statements: _Statements, columns: RecordColumns, claim: Claim | None, ttl: int
     ) -> tuple[BoundStatement, BoundStatement]:
         """The two upserts of one record, never in a logged batch together.
 
@@ -706,7 +702,10 @@ class CassandraStore:
         """
         day = utc_day(columns.decided_at_ms)
         bucket = day_bucket(columns.txn_id, self._settings.day_buckets)
-        by_txn = statements.insert_by_txn.bind((*columns.row(), ttl))
+        request_hash, response = (
+            (claim.request_hash, claim.response) if claim else (UNSET_VALUE, UNSET_VALUE)
+        )
+        by_txn = statements.insert_by_txn.bind((*columns.row(), request_hash, response, ttl))
         by_day = statements.insert_by_day.bind(
             (
                 columns.model_version,
@@ -759,7 +758,6 @@ class CassandraStore:
             insert_by_txn=prepare(INSERT_DECISION_BY_TXN, idempotent=True),
             insert_by_day=prepare(INSERT_DECISION_BY_DAY, idempotent=True),
             select_decision=prepare(SELECT_DECISION, idempotent=True),
-            insert_claim=prepare(INSERT_CLAIM, idempotent=True),
             select_claims=prepare(SELECT_CLAIMS, idempotent=True),
             insert_model=prepare(INSERT_MODEL, idempotent=False),
             select_model=prepare(SELECT_MODEL, idempotent=True),

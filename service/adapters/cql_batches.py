@@ -28,7 +28,8 @@ MAX_BATCH_STATEMENTS = 64
 
 def statement_bytes(statement: BoundStatement) -> int:
     """Bytes of the bound values, what the server's batch size check counts."""
-    return sum(len(value) for value in statement.values if value is not None)
+    # Unset and null values are markers, not bytes.
+    return sum(len(value) for value in statement.values if isinstance(value, bytes))
 
 
 def grouped_batches(

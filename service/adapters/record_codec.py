@@ -11,6 +11,7 @@
   `timestamp` holds; sub-millisecond digits are dropped on write so a round trip is equal.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -20,6 +21,7 @@ import orjson
 
 from service.core.records import (
     BinaryPrediction,
+    Claim,
     DecisionRecord,
     MulticlassPrediction,
     RegressionPrediction,
@@ -107,6 +109,18 @@ class RecordColumns:
     def row(self) -> tuple[Any, ...]:
         """The values in field order, which is the column order of the by-transaction tables."""
         return tuple(getattr(self, f.name) for f in fields(self))
+
+
+def claims_by_record(
+    records: Sequence[DecisionRecord], claims: Sequence[Claim]
+) -> dict[str, Claim]:
+    """The claims by transaction id; each must come with its record (the store keeps a
+    decision's claim with it, never one without the other)."""
+    by_txn = {claim.transaction_id: claim for claim in claims}
+    orphans = by_txn.keys() - {record.transaction_id for record in records}
+    if orphans:
+        raise ValueError(f"claims without their record: {sorted(orphans)[:3]}")
+    return by_txn
 
 
 def to_columns(record: DecisionRecord) -> RecordColumns:

@@ -20,6 +20,7 @@ import orjson
 from service.adapters.record_codec import (
     ModelConflictError,
     RecordColumns,
+    claims_by_record,
     from_columns,
     to_columns,
     to_epoch_ms,
@@ -153,6 +154,18 @@ def _open_reader(path: str) -> sqlite3.Connection:
     return connection
 
 
+def _claims_with_rows(
+    records: Sequence[DecisionRecord], claims: Sequence[Claim], rows: list[tuple[Any, ...]]
+) -> list[tuple[Claim, tuple[Any, ...]]]:
+    """Each claim with its record's row (a claim without its record is refused)."""
+    claim_of = claims_by_record(records, claims)
+    return [
+        (claim_of[record.transaction_id], row)
+        for record, row in zip(records, rows, strict=True)
+        if record.transaction_id in claim_of
+    ]
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Autocommit mode: transactions are opened explicitly where several statements go together.
@@ -232,8 +245,11 @@ class SqliteStore:
             _decision_row(columns, columns.decided_at_ms + self._retention_ms)
             for columns in map(to_columns, records)
         ]
-        expires_at_ms = _now_ms() + self._retention_ms
-        claim_rows = [(c.transaction_id, c.request_hash, c.response, expires_at_ms) for c in claims]
+        # Claims expire with their decisions, as in the Cassandra store (where they share a row).
+        claim_rows = [
+            (c.transaction_id, c.request_hash, c.response, row[-1])
+            for c, row in _claims_with_rows(records, claims, rows)
+        ]
         await self._run(self._write, rows, claim_rows)
 
     async def get(self, transaction_id: str) -> DecisionRecord | None:

@@ -154,6 +154,7 @@ class Decider:
             self._recent.finish(txn, claim, error)
 
     async def _read_claims(self, ids: Sequence[str]) -> dict[str, Claim | None]:
+        self._metrics.claims_per_read.observe(len(ids))
         found = await self._store_guard.call(lambda: self._store.find_claims(ids))
         return {txn: found.get(txn) for txn in ids}
 

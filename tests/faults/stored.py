@@ -153,17 +153,20 @@ def read_tables(hosts: str, keyspace: str) -> tuple[Any, Any, Any]:
     cluster = build_cluster(CassandraSettings(hosts=hosts, keyspace=keyspace))
     try:
         session = cluster.connect()
+        # A claim lives in its decision's by-transaction row (request_hash, response): a row
+        # with a claim and no record (no record_hash) would be a stranded claim.
         by_txn = _rows(
             session,
-            "SELECT txn_id, model_version, prediction, decided_at "
-            f"FROM {keyspace}.decisions_by_txn",
+            "SELECT txn_id, model_version, prediction, decided_at, record_hash, request_hash, "
+            f"response FROM {keyspace}.decisions_by_txn",
         )
         by_day = _rows(
             session,
             "SELECT model_version, day, bucket, decided_at, txn_id "
             f"FROM {keyspace}.decisions_by_day",
         )
-        claims = _rows(session, f"SELECT txn_id, request_hash, response FROM {keyspace}.claims")
+        claims = [row for row in by_txn if row["request_hash"] is not None]
+        by_txn = [row for row in by_txn if row["record_hash"] is not None]
     finally:
         cluster.shutdown()
     return by_txn, by_day, claims

@@ -121,7 +121,7 @@ class TestCassandraStore(StoreContract):
         claims = await query(
             cql,
             f"SELECT TTL(request_hash) AS h, TTL(response) AS r "
-            f"FROM {settings.keyspace}.claims WHERE txn_id = %s",
+            f"FROM {settings.keyspace}.decisions_by_txn WHERE txn_id = %s",
             record.transaction_id,
         )
         ttls = await decision_ttls(cql, settings.keyspace, record, settings.day_buckets)
