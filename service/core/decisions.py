@@ -3,9 +3,9 @@
 A caller's transaction id is decided at most once without a consensus round per request
 (docs/decision-path.md): this process's memory of recent ids answers repeats and merges
 concurrent ones; otherwise one quorum read of the id's claim tells a first request from a
-repeat; a first request is published (Kafka, or the spool: durable either way) and its answer
-then written as the id's claim. Kafka's order settles the rare race the read cannot see:
-workers keep the first event of an id and skip or dead-letter later ones.
+repeat; a first request is published (Kafka, or the spool: durable either way), and the
+worker stores its answer as the id's claim with the record. Kafka's order settles the race
+the read cannot see: workers keep the first event of an id and skip or dead-letter later ones.
 """
 
 import asyncio
@@ -89,7 +89,7 @@ class Decider:
         try:
             async with asyncio.timeout_at(deadline):
                 if transaction_id is None:
-                    # A fresh uuid cannot repeat: no claim to read or write.
+                    # A fresh uuid cannot repeat: no claim to read.
                     decided = _new_claim(model, features, x, txn, fingerprint)
                     await self._publish(decided.event)
                     return decided.response

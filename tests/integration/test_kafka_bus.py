@@ -22,6 +22,7 @@ from service.core.records import BinaryPrediction, DecisionEvent, ModelRef
 from service.errors import BusUnavailable
 from service.metrics import create_metrics
 from service.settings import KafkaSettings
+from tests.polling import until
 
 PARTITIONS = 3
 # Time allowed for a consumer group to form and hand out partitions on the local broker.
@@ -29,12 +30,7 @@ GROUP_WAIT_S = 30.0
 
 
 async def _until(check: Callable[[], Awaitable[bool]]) -> None:
-    """Poll `check` (the broker's or a client's state) until it holds."""
-    async with asyncio.timeout(GROUP_WAIT_S):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(0.05)
+    await until(check, GROUP_WAIT_S, 0.05)
 
 
 def _event(txn: str, seq: int) -> DecisionEvent:

@@ -14,6 +14,7 @@ from service.adapters.spool import SPOOL_FILE, SpooledKafkaBus
 from service.core.records import BinaryPrediction, DecisionEvent, ModelRef
 from service.metrics import create_metrics
 from service.settings import KafkaSettings, SpoolSettings
+from tests.polling import until
 
 LEFT = 40
 WAIT_S = 30.0
@@ -27,14 +28,6 @@ def event(n: int) -> DecisionEvent:
         prediction=BinaryPrediction(probability=0.4, margin=-0.4, decision="approve"),
         decided_at=datetime.now(UTC),
     )
-
-
-async def until_replayed(bus: SpooledKafkaBus) -> None:
-    async with asyncio.timeout(WAIT_S):
-        while True:
-            if not bus.status().spooling:
-                return
-            await asyncio.sleep(0.05)
 
 
 async def consume(settings: KafkaSettings, count: int) -> list[DecisionEvent]:
@@ -75,7 +68,7 @@ async def test_a_spool_left_by_an_earlier_run_is_replayed_in_order(
     )
     try:
         assert bus.status().spooling
-        await until_replayed(bus)
+        await until(lambda: not bus.status().spooling, WAIT_S)
         assert bus.status().spooled_events == 0
         assert metrics.spool_replayed._value.get() == LEFT
         after = event(LEFT)

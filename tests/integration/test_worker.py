@@ -31,6 +31,7 @@ from service.core.records import DecisionEvent, DecisionRecord, ModelRef
 from service.core.registry import LoadedModel, ModelRegistry
 from service.metrics import Metrics, create_metrics
 from service.settings import CassandraSettings, KafkaSettings, WorkerSettings
+from tests.polling import until
 from tests.worker_model import ROOT, assert_exact, demo_or_small_model, make_events
 from workers.explainer import Backoff, ExplainerWorker
 
@@ -41,12 +42,7 @@ POLL_S = 0.1
 
 
 async def _until(check: Callable[[], Awaitable[bool]]) -> None:
-    """Poll `check` (state of a real server or process) until it holds."""
-    async with asyncio.timeout(FLOW_TIMEOUT_S):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(POLL_S)
+    await until(check, FLOW_TIMEOUT_S, POLL_S)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from service.adapters.kafka_bus import KafkaBus, ensure_topics
 from service.core.records import DecisionEvent
 from service.core.registry import LoadedModel
 from service.settings import CassandraSettings, KafkaSettings, Settings, WorkerSettings
+from tests.polling import until
 from tests.worker_model import demo_or_small_model, make_events
 from workers.main import run_worker
 
@@ -34,12 +35,7 @@ POLL_S = 0.05
 
 
 async def _until(check: Callable[[], Awaitable[bool]]) -> None:
-    """Poll `check` (state of a real server or process) until it holds."""
-    async with asyncio.timeout(FLOW_TIMEOUT_S):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(POLL_S)
+    await until(check, FLOW_TIMEOUT_S, POLL_S)
 
 
 class CuttableForwarder:

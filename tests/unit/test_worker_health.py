@@ -15,6 +15,7 @@ from service.adapters.sqlite_store import SqliteStore
 from service.core.registry import ModelRegistry
 from service.metrics import create_metrics, create_worker_probe_metrics
 from service.settings import WorkerSettings
+from tests.polling import until
 from tests.worker_model import demo_or_small_model, make_events
 from workers.explainer import Backoff, ExplainerWorker
 from workers.health import WorkerHealth
@@ -34,12 +35,7 @@ class Clock:
 
 
 async def _until(check: Callable[[], bool]) -> None:
-    """Poll `check` (the state a running worker updates) until it holds."""
-    async with asyncio.timeout(30):
-        while True:
-            if check():
-                return
-            await asyncio.sleep(0.01)
+    await until(check, 30, 0.01)
 
 
 def _ready_health(clock: Clock) -> WorkerHealth:
