@@ -80,8 +80,6 @@ class Decider:
         `arrived` (time.monotonic()) is when the request reached the gateway: the deadline
         counts from then (from now when None).
         """
-        model = self._model(model_name)
-        x = _encode(model, features)
         fingerprint = request_hash(features, model_name)
         txn = transaction_id or uuid.uuid4().hex
         deadline = (time.monotonic() if arrived is None else arrived) + self._timeout_s
@@ -90,9 +88,16 @@ class Decider:
             async with asyncio.timeout_at(deadline):
                 if transaction_id is None:
                     # A fresh uuid cannot repeat: no claim to read.
+                    model = self._model(model_name)
+                    x = _encode(model, features)
                     decided = _new_claim(model, features, x, txn, fingerprint)
                     await self._publish(decided.event)
                     return decided.response
+                try:
+                    model = self._model(model_name)
+                    x = _encode(model, features)
+                except InvalidRequest as invalid:
+                    return await self._answer_of_invalid(txn, fingerprint, invalid)
                 return await self._decide_once(model, features, x, txn, fingerprint)
         except TimeoutError as exc:
             self._metrics.shed.labels(reason="deadline").inc()
@@ -101,6 +106,21 @@ class Decider:
             ) from exc
         except Unavailable as exc:
             raise exc.for_transaction(txn) from exc
+
+    async def _answer_of_invalid(
+        self, txn: str, fingerprint: str, invalid: InvalidRequest
+    ) -> bytes:
+        """A request invalid for today's models may repeat one decided by another (the default
+        model changed since): its id's answer stands. Otherwise, the request's own 422."""
+        if (remembered := self._recent.answered(txn)) is not None:
+            return self._repeat(remembered, fingerprint, "memory")
+        try:
+            stored = await self._reads.submit(txn)
+        except Unavailable:
+            stored = None  # the 422 is true either way: no need of the store to say it
+        if stored is None:
+            raise invalid
+        return self._repeat(stored, fingerprint, "store")
 
     def _model(self, name: str | None) -> LoadedModel:
         try:

@@ -21,10 +21,11 @@ from service.core.breaker import CircuitBreaker, Guard
 from service.core.decisions import Decider
 from service.core.idempotency import RecentIds
 from service.core.registry import LoadedModel, ModelRegistry
-from service.errors import Conflict, Overloaded, StoreUnavailable
+from service.errors import Conflict, InvalidRequest, Overloaded, StoreUnavailable
 from service.metrics import Metrics, create_metrics
 from service.settings import WorkerSettings
 from tests.api_client import MODELS, german_rows
+from tests.worker_model import train_small_model
 from workers.explainer import ExplainerWorker
 
 ROWS = german_rows(3)
@@ -191,3 +192,21 @@ async def test_past_its_deadline_a_decision_is_a_503_and_its_retry_is_the_same_d
     stored = await gateway.store.find_claims(["loan-1"])
     assert stored["loan-1"].response == again
     assert gateway.count("explanations", engine="pred_contribs") == 1
+
+
+async def test_a_retry_resolves_to_the_model_that_decided_it(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    # Decided by the default model; then another model is added and made the default: the
+    # request is invalid for it (other features), yet its retry gets its stored answer.
+    first = await gateway.decider().decide(ROWS[0], None, "loan-1")
+    await gateway.explain()
+    other = train_small_model(tmp_path / "other")
+    german = gateway.registry.active()
+    gateway.registry = ModelRegistry([german, other], default_model=other.name)
+    assert await gateway.decider().decide(ROWS[0], None, "loan-1") == first
+    with pytest.raises(Conflict):
+        await gateway.decider().decide(ROWS[1], None, "loan-1")
+    with pytest.raises(InvalidRequest):  # a new id gets the new default's verdict
+        await gateway.decider().decide(ROWS[0], None, "loan-2")
+    assert gateway.count("idempotent_replays", source="store") == 1
