@@ -10,6 +10,7 @@ the read cannot see: workers keep the first event of an id and skip or dead-lett
 
 import asyncio
 import hashlib
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -80,7 +81,13 @@ class Decider:
         `arrived` (time.monotonic()) is when the request reached the gateway: the deadline
         counts from then (from now when None).
         """
-        fingerprint = request_hash(features, model_name)
+        try:
+            fingerprint = request_hash(features, model_name)
+        except TypeError:
+            # orjson writes integers of up to 64 bits; a wider one is taken as the float a model
+            # scores it as, for the fingerprint and the event alike (none could be encoded).
+            features = _wide_integers_as_floats(features)
+            fingerprint = request_hash(features, model_name)
         txn = transaction_id or uuid.uuid4().hex
         deadline = (time.monotonic() if arrived is None else arrived) + self._timeout_s
         # The event loop's clock is time.monotonic(), so the two deadlines are comparable.
@@ -213,6 +220,21 @@ class _NewClaim:
     @property
     def response(self) -> bytes:
         return self.claim.response
+
+
+def _wide_integers_as_floats(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        try:
+            return float(value)
+        except OverflowError:  # beyond any float: the registry refuses it as not finite
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, Mapping):
+        return {key: _wide_integers_as_floats(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_wide_integers_as_floats(item) for item in value]
+    return value
 
 
 def _encode(model: LoadedModel, features: Mapping[str, Any]) -> FloatMatrix:
