@@ -1,25 +1,28 @@
 # The two commands a newcomer needs: `make run` and `make test`.
 SHELL := /bin/bash
-PYTHON ?= python3
+# A new venv is made with PYTHON (default: python3.11, else python3), which must be Python
+# 3.11: `make run PYTHON=/path/to/python3.11` names another.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SERVICES := $(PY) deploy/local/services.py
+# Where `make run` listens: `make run PORT=8001`.
+HOST ?= 127.0.0.1
+PORT ?= 8000
+export PYTHON VENV
 
-.PHONY: setup run test lint fmt unit integration services services-stop services-env bench clean
+.PHONY: setup setup-run run test lint fmt unit integration services services-stop services-env bench clean
 
-setup: $(VENV)/.installed
+# Everything: the service, and the tools of the tests, lint and benchmarks (`dev` extra).
+# Both setups rebuild a venv made by another Python, or one that no longer works.
+setup:
+	@bash deploy/local/setup.sh dev
 
-$(VENV)/.installed: pyproject.toml
-	@echo "==> setting up $(VENV) (first time takes a minute or two)"
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install --quiet --upgrade pip
-	@# The build backend is verbose; its log is shown only if the install fails.
-	@$(PY) -m pip install --progress-bar off -e '.[dev]' > $(VENV)/install.log 2>&1 \
-		|| { tail -40 $(VENV)/install.log; echo "install failed: full log in $(VENV)/install.log"; exit 1; }
-	@touch $@
+# Only what running the service needs.
+setup-run:
+	@bash deploy/local/setup.sh run
 
-run: setup
-	$(VENV)/bin/shapstream run
+run: setup-run
+	@$(VENV)/bin/shapstream run --host $(HOST) --port $(PORT)
 
 lint: setup
 	$(VENV)/bin/ruff check .

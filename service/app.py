@@ -8,7 +8,9 @@ from fastapi import FastAPI
 
 from service.api import access_log, audit, explanations, health, models, predictions
 from service.api.deps import STATE_KEY
+from service.api.docs import install_docs
 from service.api.middleware import BodyLimit, LoadShedding, RequestMetrics
+from service.api.openapi import ApiDocument
 from service.api.problems import install_problem_handlers
 from service.metrics import Metrics, create_metrics
 from service.resources import open_resources
@@ -27,10 +29,12 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, object]]:
         async with open_resources(settings, app_metrics) as state:
-            # Everything loaded so far (models, clients, modules) lives as long as the process:
-            # kept out of the collector, a full collection no longer walks it mid-request.
-            gc.freeze()
-            yield {STATE_KEY: state}
+            with document.serving(state.registry):
+                # Everything loaded so far (models, clients, modules) lives as long as the
+                # process: kept out of the collector, a full collection no longer walks it
+                # mid-request.
+                gc.freeze()
+                yield {STATE_KEY: state}
 
     app = FastAPI(
         title="shapstream",
@@ -40,12 +44,21 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         # Metrics are Prometheus (service/metrics.py); FastAPI's own OpenTelemetry hooks would
         # cost a check on every request for nothing.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        # Served by install_docs, from this process rather than a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
+    # The document with problem bodies, and with each served model's request schema and example
+    # while the lifespan has the registry open.
+    document = ApiDocument(app)
+    app.openapi = document  # type: ignore[method-assign]
     install_problem_handlers(app)
     for router in (predictions.router, explanations.router, models.router, health.router):
         app.include_router(router)
     app.include_router(access_log.router)
     app.include_router(audit.router)
+    # After the API's routes: a request is matched against the routes in order.
+    install_docs(app)
     # The last added runs first: every request is counted, then shed or let in, then limited.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(

@@ -55,6 +55,20 @@ class PayloadTooLarge(ServiceError):
     status, slug, title = 413, "payload-too-large", "Payload too large"
 
 
+class DuplicateKey(ServiceError):
+    """A key repeated within one JSON object: a parser would silently keep one of its values."""
+
+    status, slug, title = 400, "duplicate-key", "Duplicate key"
+
+
+class UnsupportedMediaType(ServiceError):
+    """A body not declared as JSON (`Content-Type: application/json`) on a route that reads JSON."""
+
+    status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
+    # RFC 9110 section 15.5.16: say which media types the resource accepts.
+    headers: ClassVar[Mapping[str, str]] = MappingProxyType({"Accept-Post": "application/json"})
+
+
 class NotFound(ServiceError):
     status, slug, title = 404, "not-found", "Not found"
 

@@ -1,6 +1,7 @@
 """Every Prometheus metric of the service, registered on a registry the caller owns."""
 
 from dataclasses import dataclass
+from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -26,6 +27,7 @@ class Metrics:
     consumer_lag: Gauge
     consumer_lag_seconds: Gauge
     freshness_seconds: Histogram
+    explanation_wait_seconds: Histogram
     dead_letters: Counter
     commit_failures: Counter
     in_flight: Gauge
@@ -40,6 +42,9 @@ class Metrics:
     spool_replayed: Counter
     spool_refusals: Counter
     duplicate_events: Counter
+    denials: Counter
+    build_info: Gauge
+    model_info: Gauge
 
 
 @dataclass(frozen=True)
@@ -83,20 +88,23 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         request_seconds=Histogram(
             "shapstream_http_request_seconds",
-            "HTTP request latency by route.",
+            "HTTP request latency by route: the service's own time, without the wait a client "
+            "asked for (GET /v1/explanations?wait, in shapstream_explanation_wait_seconds).",
             ["method", "route"],
             buckets=LATENCY_BUCKETS,
             registry=reg,
         ),
         events_published=Counter(
             "shapstream_events_published_total",
-            "Decision events acknowledged by the bus.",
+            "Decision events made durable before the answer: acknowledged by Kafka or fsync'd "
+            "in the gateway's spool (Kafka mode), stored in the outbox (embedded).",
             ["model"],
             registry=reg,
         ),
         publish_failures=Counter(
             "shapstream_publish_failures_total",
-            "Publishes that missed their deadline or failed.",
+            "Decision events not made durable (missed their deadline, spool full, outbox "
+            "failed): each answered 503.",
             registry=reg,
         ),
         explanations=Counter(
@@ -123,8 +131,9 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             registry=reg,
         ),
         consumer_lag=Gauge(
-            "shapstream_worker_lag",
-            "Events not yet consumed, summed over assigned partitions.",
+            "shapstream_worker_lag_events",
+            "Events waiting for this worker: not yet fetched from its assigned Kafka partitions; "
+            "in the embedded outbox, stored and not yet written (the batch in flight included).",
             registry=reg,
         ),
         # Set as a function by the event source: it grows while a batch is stuck in retries.
@@ -141,15 +150,26 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             buckets=FRESHNESS_BUCKETS,
             registry=reg,
         ),
+        explanation_wait_seconds=Histogram(
+            "shapstream_explanation_wait_seconds",
+            "Time GET /v1/explanations waited, as its client asked (?wait=S), for a worker to "
+            "write an explanation not stored yet: from the first miss until it was found or the "
+            "wait ran out. Only requests that waited; not in shapstream_http_request_seconds.",
+            ["outcome"],
+            buckets=FRESHNESS_BUCKETS,
+            registry=reg,
+        ),
         dead_letters=Counter(
             "shapstream_dead_letters_total",
-            "Events sent to the dead-letter topic, by reason.",
+            "Events set aside unexplained, by reason: sent to the dead-letter topic (Kafka) or "
+            "kept in the outbox's dead_letters table (embedded).",
             ["reason"],
             registry=reg,
         ),
         commit_failures=Counter(
             "shapstream_commit_failures_total",
-            "Offset commits refused (the batch will be redelivered; writes are idempotent).",
+            "Kafka offset commits refused (the batch will be redelivered; writes are "
+            "idempotent). Always 0 in the embedded mode, whose outbox has no offsets.",
             registry=reg,
         ),
         in_flight=Gauge(
@@ -219,4 +239,39 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             ["kind"],
             registry=reg,
         ),
+        denials=Counter(
+            "shapstream_access_denials_total",
+            "Requests refused and noted for the access log, by its action: "
+            "denied.unauthenticated (401), denied.forbidden (403), denied.not_found (404 on an "
+            "explanation).",
+            ["action"],
+            registry=reg,
+        ),
+        build_info=_build_info(reg),
+        model_info=Gauge(
+            "shapstream_model_info",
+            "1 for each model version this process holds: the versions a gateway serves, the "
+            "versions a worker has loaded to explain with since it started.",
+            ["name", "version"],
+            registry=reg,
+        ),
     )
+
+
+def _build_info(registry: CollectorRegistry) -> Gauge:
+    gauge = Gauge(
+        "shapstream_build_info",
+        "1, labelled with the version of the shapstream package this process runs.",
+        ["version"],
+        registry=registry,
+    )
+    gauge.labels(version=package_version()).set(1)
+    return gauge
+
+
+def package_version() -> str:
+    """The installed shapstream distribution's version ("unknown" when run from a bare tree)."""
+    try:
+        return metadata.version("shapstream")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -119,6 +119,10 @@ class AccessStore(Protocol):
         """Append to the access log; raise if it was not stored (the read must not proceed)."""
         ...
 
+    async def record_many(self, entries: Sequence[AccessEntry]) -> None:
+        """Append several entries in as few requests as the store allows; raise if any failed."""
+        ...
+
     async def entries(self, start: datetime, end: datetime, limit: int) -> list[AccessEntry]:
         """Entries with `start <= at < end`, oldest first, at most `limit`."""
         ...

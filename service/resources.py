@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from service.api.deps import AppState
 from service.core.breaker import CircuitBreaker, Guard
 from service.core.decisions import Decider
+from service.core.denials import DenialLog
 from service.core.idempotency import RecentIds
 from service.core.keys import DevKey, KeyVerifier, ensure_dev_key
 from service.core.registry import ModelRegistry
@@ -32,9 +33,11 @@ async def open_resources(settings: Settings, metrics: Metrics) -> AsyncIterator[
             # Workers load the exact version an event names from here, on any machine.
             await store.put_model(model.artifact())
             log.info("serving %s version %s", model.name, model.version)
+            metrics.model_info.labels(name=model.name, version=model.version).set(1)
         state = _state(settings, metrics, registry, bus, store, access)
         # Drained before the store and bus close (the stack unwinds in reverse).
         stack.push_async_callback(state.decider.drain)
+        stack.push_async_callback(state.denials.close)
         yield state
 
 
@@ -57,7 +60,10 @@ def _state(
     decider = Decider(
         registry, bus, store, store_guard, recent, metrics, gateway.decision_timeout_s
     )
-    return AppState(settings, registry, bus, store, metrics, access, keys, decider, store_guard)
+    denials = DenialLog(access, metrics.denials)
+    return AppState(
+        settings, registry, bus, store, metrics, access, keys, decider, store_guard, denials
+    )
 
 
 async def _open_kafka_mode(

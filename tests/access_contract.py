@@ -59,4 +59,25 @@ async def check_entries(access: AccessStore) -> list[AccessEntry]:
     assert mine(await access.entries(day, day + timedelta(days=1), 100)) == found[:2]
     assert len(await access.entries(day, day + timedelta(days=2), 3)) == 3
     assert await access.entries(day, day, 100) == []
+    await check_many(access)
     return written
+
+
+async def check_many(access: AccessStore) -> None:
+    """`record_many` stores every entry of a batch (more than one request's worth, over two
+    days), as `record` would one by one; an empty batch is nothing."""
+    day = a_quiet_day()
+    name = f"refused-{uuid.uuid4().hex[:8]}"
+    written = [
+        AccessEntry(
+            day + timedelta(hours=23, minutes=59, seconds=n),
+            name,
+            Action.DENIED_UNAUTHENTICATED,
+            f"POST /v1/predictions from 192.0.2.{n} (unknown key): {n + 1} attempts in 0.9 s",
+        )
+        for n in range(150)
+    ]
+    await access.record_many(written)
+    await access.record_many([])
+    found = await access.entries(day, day + timedelta(days=2), 1_000)
+    assert [e for e in found if e.key_name == name] == written

@@ -13,6 +13,10 @@ import httpx
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
+from service.app import create_app
+from service.metrics import Metrics
+from service.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 GERMAN_CREDIT = ROOT / "data" / "german_credit.csv"
 MODELS = ROOT / "models"
@@ -78,3 +82,16 @@ async def asgi_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=with_state)
         async with httpx.AsyncClient(transport=transport, base_url="http://shapstream") as client:
             yield client
+
+
+@asynccontextmanager
+async def embedded_client(
+    data_dir: Path, metrics: Metrics | None = None, *, authorized: bool = True
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The service in embedded mode with the shipped models; `authorized`: with the dev key,
+    which holds every scope (tests/unit/test_auth.py covers refusals)."""
+    settings = Settings(mode="embedded", data_dir=data_dir, models_dir=MODELS)
+    async with asgi_client(create_app(settings, metrics)) as client:
+        if authorized:
+            client.headers.update(bearer(dev_key(data_dir)))
+        yield client

@@ -318,6 +318,7 @@ class ExplainerWorker:
             )
         explainer = _Explainer(model, engine)
         self._explainers[version] = explainer
+        self._metrics.model_info.labels(name=model.name, version=version).set(1)
         while len(self._explainers) > self._settings.model_cache:
             self._explainers.popitem(last=False)
         return explainer

@@ -19,6 +19,9 @@ fi
 $SERVICES start
 eval "$($SERVICES env)"
 
+echo "==> audit export of 100,000 decisions from Cassandra: rows/s, peak memory, verify"
+$PY -m bench.audit_export --records 100000 --days 2
+
 echo "==> idempotency designs: Cassandra CPU per caller-id decision (docs/decision-path.md)"
 $PY -m bench.claims --rounds 5 --decisions 20000
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from service.adapters.sqlite_files import private_database
+
 T = TypeVar("T")
 
 _SCHEMA = """
@@ -61,7 +63,8 @@ class _Pending:
 
 def connect(path: Path) -> sqlite3.Connection:
     """Open (creating) the file with the durability settings every user of it relies on."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Decisions' inputs: 0600, like the key file (its -wal and -shm follow the file's mode).
+    private_database(path)
     # Autocommit mode: transactions are explicit (`_commit`) or one statement each.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")

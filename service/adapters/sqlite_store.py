@@ -25,6 +25,7 @@ from service.adapters.record_codec import (
     to_columns,
     to_epoch_ms,
 )
+from service.adapters.sqlite_files import private_database
 from service.core.records import Claim, DecisionRecord, ModelArtifact
 from service.core.schema import ModelSchema
 from service.errors import StoreUnavailable
@@ -167,7 +168,8 @@ def _claims_with_rows(
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Applicants' data: 0600, like the key file (its -wal and -shm follow the file's mode).
+    private_database(path)
     # Autocommit mode: transactions are opened explicitly where several statements go together.
     connection = sqlite3.connect(path, isolation_level=None)
     connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

@@ -4,10 +4,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import AwareDatetime, BaseModel
+from pydantic import BaseModel
 
 from service.api.auth import AuditExporter
-from service.api.deps import State
+from service.api.deps import DateTime, State
 from service.core.access import Action
 from service.errors import FieldProblem, InvalidRequest
 
@@ -44,14 +44,14 @@ async def list_access_log(
     state: State,
     caller: AuditExporter,
     start: Annotated[
-        AwareDatetime | None, Query(description="Inclusive; default one day before `end`.")
+        DateTime | None, Query(description="Inclusive; default one day before `end`.")
     ] = None,
-    end: Annotated[AwareDatetime | None, Query(description="Exclusive; default now.")] = None,
+    end: Annotated[DateTime | None, Query(description="Exclusive; default now.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 1_000,
 ) -> AccessLog:
     """Recorded explanation reads and audit exports, oldest first (needs `audit:export`)."""
     until = end or datetime.now(UTC)
-    since = start or until - DEFAULT_WINDOW
+    since = start or _window_before(until)
     if since >= until:
         raise InvalidRequest("The range is empty.", [FieldProblem("end", "must be after start")])
     if until - since > MAX_WINDOW:
@@ -68,3 +68,10 @@ async def list_access_log(
         ],
         truncated=len(found) > limit,
     )
+
+
+def _window_before(moment: datetime) -> datetime:
+    try:
+        return moment - DEFAULT_WINDOW
+    except OverflowError:  # `end` within a day of the earliest time there is
+        return datetime.min.replace(tzinfo=UTC)

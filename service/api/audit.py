@@ -7,18 +7,21 @@ from typing import Annotated, Final
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
-from pydantic import AwareDatetime
 
 from service.api.auth import AUTH_RESPONSES, AuditExporter, record_access
-from service.api.deps import State
+from service.api.deps import DateTime, State
 from service.core.access import Action
 from service.core.export import (
+    MIN_VERSION_PREFIX,
     AuditExport,
     ExportFormat,
     ExportQuery,
+    QueryError,
+    SchemaLookup,
     access_target,
     scan_versions,
     schemas_from,
+    select_versions,
 )
 from service.errors import FieldProblem, InvalidRequest
 from service.ports import ExplanationStore
@@ -31,11 +34,22 @@ MAX_RANGE: Final = timedelta(days=366)
 MEDIA_TYPES: Final = {ExportFormat.JSONL: "application/x-ndjson", ExportFormat.CSV: "text/csv"}
 
 Version = Annotated[
-    str | None, Query(min_length=1, max_length=128, description="Only this model version.")
+    str | None,
+    Query(
+        min_length=1,
+        max_length=128,
+        description="Only this model version, or a unique prefix of it (at least "
+        f"{MIN_VERSION_PREFIX} characters; logs print 12).",
+    ),
 ]
 Decision = Annotated[
     str | None,
-    Query(min_length=1, max_length=128, description="Only this outcome: approve, deny, a class."),
+    Query(
+        min_length=1,
+        max_length=128,
+        description="Only this outcome: approve or deny (binary models), or a class of a "
+        "multiclass model in the export.",
+    ),
 ]
 
 
@@ -65,10 +79,12 @@ def _file_name(query: ExportQuery) -> str:
     return f"shapstream-audit-{start:%Y%m%dT%H%M%SZ}-{end:%Y%m%dT%H%M%SZ}.{query.format}"
 
 
-async def _body(store: ExplanationStore, query: ExportQuery) -> AsyncIterator[bytes]:
+async def _body(
+    store: ExplanationStore, query: ExportQuery, schemas: SchemaLookup
+) -> AsyncIterator[bytes]:
     # A failure once streaming has begun can only cut the file short: `audit verify` then
     # reports the manifest missing, so a partial export is never taken for a whole one.
-    export = AuditExport(query, schemas_from(store.get_model))
+    export = AuditExport(query, schemas)
     records = scan_versions(store, query.model_versions, query.start, query.end)
     async with aclosing(records):
         async for chunk in export.chunks(records):
@@ -89,8 +105,8 @@ async def _body(store: ExplanationStore, query: ExportQuery) -> AsyncIterator[by
 async def export_audit(
     state: State,
     caller: AuditExporter,
-    start: Annotated[AwareDatetime, Query(description="Inclusive, with a time zone.")],
-    end: Annotated[AwareDatetime, Query(description="Exclusive, with a time zone.")],
+    start: Annotated[DateTime, Query(description="Inclusive, with a time zone.")],
+    end: Annotated[DateTime, Query(description="Exclusive, with a time zone.")],
     model_version: Version = None,
     decision: Decision = None,
     export_format: Annotated[ExportFormat, Query(alias="format")] = ExportFormat.JSONL,
@@ -98,19 +114,20 @@ async def export_audit(
     """Decision records, explanations and integrity hashes, streamed (needs `audit:export`)."""
     start, end = _utc(start, "start"), _utc(end, "end")
     _check_range(start, end)
-    if model_version is None:
-        versions = tuple(await state.store.model_versions())
-    elif await state.store.get_model(model_version) is None:
+    schemas = schemas_from(state.store.get_model)
+    try:
+        versions = await select_versions(state.store, schemas, model_version, decision)
+    except QueryError as error:
         raise InvalidRequest(
-            "No such model version.", [FieldProblem("model_version", "unknown model version")]
-        )
-    else:
-        versions = (model_version,)
+            f"{error.field}: {error.reason}.",
+            [FieldProblem(error.field, error.reason)],
+        ) from None
     query = ExportQuery(start, end, versions, decision, export_format)
+    chosen = versions[0] if model_version is not None else None
     # Logged before the first byte leaves; if the log cannot be written, nothing is exported.
-    await record_access(state, caller, Action.AUDIT_EXPORT, access_target(query, model_version))
+    await record_access(state, caller, Action.AUDIT_EXPORT, access_target(query, chosen))
     return StreamingResponse(
-        _body(state.store, query),
+        _body(state.store, query, schemas),
         media_type=MEDIA_TYPES[export_format],
         headers={"Content-Disposition": f'attachment; filename="{_file_name(query)}"'},
     )

@@ -6,7 +6,8 @@ Routes declare what they need as a parameter:
 
 and record what they disclose with `await record_access(state, caller, Action..., target)`.
 Keys arrive as `Authorization: Bearer KEY`; only their SHA-256 is looked up, and neither a
-key nor its hash is ever logged (a key's name at most).
+key nor its hash is ever logged (a key's name at most). Refused requests (401, 403) are
+noted for the access log with the key's name when it is known (`note_denial`).
 
 An oversized body gets its 413 from the middleware before the key is checked, which discloses
 nothing; every other request without a valid key gets the 401 (POST /v1/predictions parses
@@ -22,7 +23,8 @@ from fastapi.security import HTTPBearer
 from starlette.requests import HTTPConnection
 
 from service.api.deps import STATE_KEY, AppState
-from service.core.access import AccessEntry, Action, Scope, to_millis
+from service.core.access import NO_VALID_KEY, AccessEntry, Action, Scope, to_millis
+from service.core.denials import Attempt, request_line
 from service.errors import Forbidden, Unauthorized
 
 SCHEME_DESCRIPTION = (
@@ -63,19 +65,33 @@ async def authorize(connection: HTTPConnection, scope: Scope | None) -> Caller:
     declares its security in the OpenAPI document itself (`SECURITY`).
     """
     scheme, _, key = connection.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key:
-        raise Unauthorized("Send an API key as 'Authorization: Bearer KEY'.")
     state = getattr(connection.state, STATE_KEY)
     assert isinstance(state, AppState)
+    if scheme.lower() != "bearer" or not key:
+        note_denial(state, connection, Action.DENIED_UNAUTHENTICATED, NO_VALID_KEY, "no key")
+        raise Unauthorized("Send an API key as 'Authorization: Bearer KEY'.")
     stored = await state.keys.verify(key)
     if stored is None:
+        note_denial(state, connection, Action.DENIED_UNAUTHENTICATED, NO_VALID_KEY, "unknown key")
         raise Unauthorized("The API key is not valid.")
     if scope is not None and scope not in stored.scopes:
+        note_denial(state, connection, Action.DENIED_FORBIDDEN, stored.name, f"lacks {scope}")
         raise Forbidden(
             f"The API key {stored.name!r} lacks the scope {scope.value!r}.",
             extra={"missing_scope": scope.value},
         )
     return Caller(stored.name, stored.scopes)
+
+
+def note_denial(
+    state: AppState, connection: HTTPConnection, action: Action, key_name: str, reason: str = ""
+) -> None:
+    """Note a refused request for the access log: no I/O here, written within a second or so
+    in a bounded batch (service/core/denials.py), so a flood of bad keys stays cheap."""
+    method = connection.scope.get("method", "GET")
+    client = connection.client.host if connection.client is not None else "unknown"
+    request = request_line(method, connection.url.path)
+    state.denials.note(Attempt(action, key_name, request, client, reason))
 
 
 def require_scope(scope: Scope | None) -> Any:

@@ -5,13 +5,16 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ValidationError
 from starlette.requests import HTTPConnection
 
+from service.api.json_keys import repeated_key, repeats_no_key
 from service.core.breaker import Guard
 from service.core.decisions import Decider
+from service.core.denials import DenialLog
 from service.core.keys import KeyVerifier
 from service.core.registry import ModelRegistry
+from service.errors import DuplicateKey, FieldProblem, UnsupportedMediaType
 from service.metrics import Metrics
 from service.ports import AccessStore, EventBus, ExplanationStore
 from service.settings import Settings
@@ -33,6 +36,8 @@ class AppState:
     decider: Decider
     # Deadline and circuit breaker of the store calls made while a client waits.
     store_guard: Guard
+    # Refused attempts, written to the access log in the background (service/core/denials.py).
+    denials: DenialLog
 
 
 def app_state(connection: HTTPConnection) -> AppState:
@@ -50,14 +55,63 @@ async def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 
+def _not_a_number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value
+    if isinstance(value, str | int | float):
+        raise ValueError("must be a date-time with a time zone (RFC 3339), not a number")
+    return value
+
+
+# A date-time as the OpenAPI document states it (RFC 3339, with a time zone): pydantic alone would
+# also read a bare number ("0.5") as a Unix time.
+DateTime = Annotated[AwareDatetime, BeforeValidator(_not_a_number)]
+
+
+JSON_MEDIA_TYPE = "application/json"
+
+
+async def json_body(request: Request) -> bytes:
+    """The body of a request that must carry JSON; 415 unless its Content-Type says it does."""
+    declared = request.headers.get("content-type", "")
+    if declared.partition(";")[0].strip().lower() != JSON_MEDIA_TYPE:
+        got = f"{declared[:64]!r}" if declared else "none"
+        raise UnsupportedMediaType(
+            f"The body must be JSON, sent with 'Content-Type: {JSON_MEDIA_TYPE}' (got {got}).",
+            [FieldProblem("content-type", f"must be {JSON_MEDIA_TYPE}")],
+        )
+    return await request.body()
+
+
 def parse_body(model: type[M], raw: bytes) -> M:
     """`raw` JSON validated as `model` in one pass (pydantic's own parser), with the errors
-    FastAPI would report, so the problem handler answers exactly as for a declared body."""
+    FastAPI would report, so the problem handler answers exactly as for a declared body.
+
+    A key repeated within an object is refused (400) rather than resolved (see json_keys).
+    """
     try:
-        return model.model_validate_json(raw)
+        body = model.model_validate_json(raw)
     except ValidationError as exc:
-        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        found = exc.errors(include_url=False)
+        if all(e["type"] != "json_invalid" for e in found):
+            _refuse_repeated_keys(raw)  # a repeat may be the cause: name it, not its effect
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in found]
         raise RequestValidationError(errors) from exc
+    if not repeats_no_key(raw, body):
+        _refuse_repeated_keys(raw)
+    return body
+
+
+def _refuse_repeated_keys(raw: bytes) -> None:
+    key = repeated_key(raw)
+    if key is not None:
+        raise DuplicateKey(
+            f"The key {key!r} appears more than once in one object; send each key once.",
+            [FieldProblem(key, "repeated: a key may appear only once in an object")],
+        )
 
 
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:

@@ -2,10 +2,11 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 
-from service.api.auth import AUTH_RESPONSES, ExplanationReader, record_access
+from service.api.auth import AUTH_RESPONSES, ExplanationReader, note_denial, record_access
 from service.api.deps import State
+from service.api.middleware import WAITED
 from service.core.access import Action
 from service.core.lookup import wait_for_record
 from service.core.views import ExplanationView, explanation_view
@@ -23,6 +24,7 @@ MAX_WAIT_S = 10.0
 )
 async def get_explanation(
     transaction_id: Annotated[str, Path(min_length=1, max_length=128)],
+    request: Request,
     state: State,
     caller: ExplanationReader,
     wait: Annotated[
@@ -30,11 +32,19 @@ async def get_explanation(
     ] = 0.0,
 ) -> ExplanationView:
     """The exact TreeSHAP explanation stored for a transaction."""
-    record = await wait_for_record(state.store, transaction_id, wait)
+    record, waited_s = await wait_for_record(state.store, transaction_id, wait)
+    if waited_s:
+        # Waiting is what the client asked for, not work: kept out of the request's latency.
+        request.scope[WAITED] = waited_s
+        outcome = "not-found" if record is None else "found"
+        state.metrics.explanation_wait_seconds.labels(outcome=outcome).observe(waited_s)
     if record is None:
+        # A miss discloses nothing, but it may be a probe for transaction ids: noted, in the
+        # background (it is no read that must not go unlogged).
+        note_denial(state, request, Action.DENIED_NOT_FOUND, caller.name)
         raise NotFound(f"No explanation for transaction {transaction_id!r} (yet).")
-    # Only a read that discloses a record is logged, and before the answer leaves: if the log
-    # cannot be written, the read fails.
+    # A read that discloses a record is logged before the answer leaves: if the log cannot be
+    # written, the read fails.
     await record_access(state, caller, Action.EXPLANATION_READ, transaction_id)
     model = await state.registry.get_version(record.model.version, state.store.get_model)
     return explanation_view(record, model.schema)

@@ -3,6 +3,7 @@
 import time
 
 from starlette.exceptions import HTTPException
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.problems import problem_response
@@ -61,6 +62,9 @@ BUSY = "shapstream.busy"
 # When the request reached the gateway (time.monotonic()): its deadline counts from there,
 # time spent waiting for its turn, its body and its key check included.
 ARRIVED = "shapstream.arrived"
+# Seconds a request spent waiting because its client asked it to (GET /v1/explanations?wait=S,
+# for the worker to write the explanation): measured apart, and left out of its latency.
+WAITED = "shapstream.waited"
 
 
 class LoadShedding:
@@ -101,11 +105,17 @@ class LoadShedding:
 
 
 class RequestMetrics:
-    """Count and time requests by route template (never by raw path: unbounded labels)."""
+    """Count and time requests by route template (never by raw path: unbounded labels).
+
+    The time is the service's: a wait the client asked for (`WAITED`) is not in it.
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Templates of the routes FastAPI does not name in the scope, by id of their endpoint
+        # (built once; the routes live as long as the app).
+        self._templates: dict[int, str] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -123,14 +133,31 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, recorded)
         finally:
-            route = _route_template(scope)
+            route = self._route_template(scope)
             method = scope["method"]
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - start - scope.get(WAITED, 0.0)
             self.metrics.request_seconds.labels(method, route).observe(elapsed)
             self.metrics.requests.labels(method, route, str(status)).inc()
 
+    def _route_template(self, scope: Scope) -> str:
+        # FastAPI stores its matched API route in the scope; a plain Starlette route (the
+        # OpenAPI document) or a mount (the docs' assets) leaves only its endpoint there.
+        path = getattr(scope.get("route"), "path", None)
+        if isinstance(path, str):
+            return path
+        endpoint = scope.get("endpoint")
+        if endpoint is None:
+            return "unmatched"  # nothing matched: a 404 or 405
+        if self._templates is None:
+            self._templates = _endpoint_templates(getattr(scope.get("app"), "routes", []))
+        return self._templates.get(id(endpoint), "unmatched")
 
-def _route_template(scope: Scope) -> str:
-    # Routing stores the matched route in the scope; nothing matched means a 404 or 405.
-    path = getattr(scope.get("route"), "path", None)
-    return path if isinstance(path, str) else "unmatched"
+
+def _endpoint_templates(routes: list[object]) -> dict[int, str]:
+    templates: dict[int, str] = {}
+    for route in routes:
+        if isinstance(route, Route):
+            templates[id(route.endpoint)] = route.path_format
+        elif isinstance(route, Mount):
+            templates[id(route.app)] = route.path_format
+    return templates

@@ -7,6 +7,8 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
@@ -43,9 +45,29 @@ def problem_response(
     }
     if errors:
         body["errors"] = [{"field": e.field, "reason": e.reason} for e in errors]
-    if extra:
-        body.update(extra)
-    return Response(orjson.dumps(body), status, headers, media_type=PROBLEM_MEDIA_TYPE)
+    for name, value in (extra or {}).items():
+        # Extension members never replace the standard ones (RFC 9457 section 3.2).
+        body.setdefault(name, value)
+    return Response(_encode(body), status, headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        # A string echoed from the request (a field name, an id) may hold a lone surrogate,
+        # which UTF-8 cannot encode: it goes back escaped, as the client would have written it.
+        return orjson.dumps(_encodable(body))
+
+
+def _encodable(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(v) for v in value]
+    return value
 
 
 def _field_name(loc: Sequence[int | str]) -> str:
@@ -97,6 +119,44 @@ async def _on_unexpected(request: Request, exc: Exception) -> Response:
     # The client gets no internal text; the log gets the stack trace.
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(500, "internal", "Internal error", "An unexpected error occurred.")
+
+
+class ProblemField(BaseModel):
+    field: str = Field(
+        description="The field, dotted when nested (`features.age_in_years`), `body` for the "
+        "whole body, or the query parameter or header's name."
+    )
+    reason: str = Field(description="Why it was refused, for a person to read.")
+
+
+class Problem(BaseModel):
+    """An error (RFC 9457 problem details); invalid input names each field and why."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="A URI naming the kind of problem: stable, for programs.")
+    title: str = Field(description="The kind of problem, for people.")
+    status: int = Field(description="The HTTP status code.")
+    detail: str = Field(description="What happened to this request.")
+    errors: list[ProblemField] = Field(
+        default=[], description="Each refused field and why (invalid requests)."
+    )
+
+
+class ForbiddenProblem(Problem):
+    """A valid API key without the scope the route needs."""
+
+    missing_scope: str = Field(description="The scope the key lacks.")
+
+
+class PredictionUnavailable(Problem):
+    """The decision could not be made or made durable in time; retrying is safe."""
+
+    transaction_id: str | SkipJsonSchema[None] = Field(
+        default=None,
+        description="Set once the decision was under way: retry with this transaction_id (yours, "
+        "or the one the service assigned), and it is never decided twice.",
+    )
 
 
 def install_problem_handlers(app: FastAPI) -> None:

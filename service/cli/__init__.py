@@ -10,17 +10,28 @@ def build_app() -> typer.Typer:
     from service.cli.db import db_app
     from service.cli.keys import keys_app
     from service.cli.model import model_app
-    from service.cli.serve import run, serve
-    from service.cli.worker import worker
+    from service.cli.serve import RUN_HELP, SERVE_HELP, run, serve
+    from service.cli.stores import STORE_RULE
+    from service.cli.worker import WORKER_HELP, worker
 
-    app = typer.Typer(no_args_is_help=True, help="Exact, durable TreeSHAP explanations.")
-    app.command()(serve)
-    app.command()(run)
-    app.command()(worker)
+    app = typer.Typer(
+        no_args_is_help=True,
+        help="Exact, durable TreeSHAP explanations.\n\n"
+        "Settings are SHAPSTREAM_* environment variables (README, Configuration); the --help "
+        "of each command names those it reads.",
+    )
+    app.command(help=SERVE_HELP)(serve)
+    app.command(help=RUN_HELP)(run)
+    app.command(help=WORKER_HELP)(worker)
     app.add_typer(model_app, name="model", help="Model directories: init, train-demo.")
     app.add_typer(db_app, name="db", help="The Cassandra schema.")
-    app.add_typer(keys_app, name="keys", help="API keys: create, list, revoke.")
-    app.add_typer(audit_app, name="audit", help="Audit export and verification.")
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(
+        audit_app,
+        name="audit",
+        help="Audit export and verification (verify reads only its file).\n\n"
+        f"The store `audit export` reads: {STORE_RULE}",
+    )
     app.add_typer(bench_app, name="bench", help="Benchmarks.")
     return app
 

@@ -2,16 +2,19 @@
 
 import asyncio
 import getpass
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from datetime import time as dt_time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Final
+from typing import TYPE_CHECKING, Annotated, BinaryIO, Final
 
 import typer
 
-from service.core.export import ExportFormat
+from service.core.export import MIN_VERSION_PREFIX, ExportFormat
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -27,26 +30,65 @@ SHOWN_PROBLEMS: Final = 20
 PROGRESS_EVERY: Final = 500
 
 
+def _refused(name: str, message: str) -> typer.Exit:
+    """Say on one line what is wrong with an option (no usage box: paths would wrap in it)."""
+    typer.echo(f"shapstream audit: {name}: {message}", err=True)
+    return typer.Exit(2)
+
+
 def _moment(text: str, name: str) -> datetime:
+    """An ISO 8601 time with a time zone, or a bare date (midnight UTC), in UTC."""
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        pass
+    else:
+        # A date alone: the service's days are UTC days (rows, manifests, Cassandra's days).
+        return datetime.combine(day, dt_time(), UTC)
     try:
         moment = datetime.fromisoformat(text)
     except ValueError as error:
-        raise typer.BadParameter(f"not an ISO 8601 time: {text!r}", param_hint=name) from error
+        raise _refused(name, f"not an ISO 8601 time: {text!r}") from error
     if moment.tzinfo is None:
-        raise typer.BadParameter(f"{text!r} needs a time zone (e.g. Z)", param_hint=name)
+        raise _refused(
+            name, f"{text!r} has no time zone: add one, e.g. {moment.isoformat()}Z for UTC"
+        )
     try:
         return moment.astimezone(UTC)
     except OverflowError as error:
-        raise typer.BadParameter(f"{text!r} is out of range in UTC", param_hint=name) from error
+        raise _refused(name, f"{text!r} is out of range in UTC") from error
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse, before anything is read or logged, a file that cannot or must not be written."""
+    folder = out.parent
+    if not folder.is_dir():
+        raise _refused(
+            "--out", f"the folder {folder} does not exist: create it first (mkdir -p {folder})"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise _refused("--out", f"the folder {folder} is not writable")
+    if out.exists() and not force:
+        raise _refused(
+            "--out", f"{out} exists: choose another file, or add --force to overwrite it"
+        )
 
 
 @audit_app.command("export")
 def export_command(
-    start: Annotated[str, typer.Option(help="Inclusive; ISO 8601 with a time zone.")],
-    end: Annotated[str, typer.Option(help="Exclusive; ISO 8601 with a time zone.")],
+    start: Annotated[
+        str, typer.Option(help="Inclusive; ISO 8601 with a time zone, or a date (midnight UTC).")
+    ],
+    end: Annotated[
+        str, typer.Option(help="Exclusive; ISO 8601 with a time zone, or a date (midnight UTC).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="The file to write.", dir_okay=False)],
     model_version: Annotated[
-        str | None, typer.Option(help="Only this model version (default: all).")
+        str | None,
+        typer.Option(
+            help=f"Only this model version, or a unique prefix of it (at least "
+            f"{MIN_VERSION_PREFIX} characters; logs print 12). Default: all."
+        ),
     ] = None,
     decision: Annotated[
         str | None, typer.Option(help="Only this outcome: approve, deny, or a class.")
@@ -54,18 +96,27 @@ def export_command(
     export_format: Annotated[
         ExportFormat, typer.Option("--format", help="jsonl or csv.")
     ] = ExportFormat.JSONL,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
 ) -> None:
     """Write the decisions of [start, end) with their explanations and a manifest to --out.
 
-    Reads the store of SHAPSTREAM_MODE directly (Cassandra, or the embedded SQLite file) and
-    records the export in the access log as `cli:<user>`.
+    Reads the store directly and records the export in the access log as `cli:<user>`.
+
+    Settings (environment): SHAPSTREAM_MODE, SHAPSTREAM_DATA_DIR, SHAPSTREAM_CASSANDRA_HOSTS,
+    SHAPSTREAM_CASSANDRA_KEYSPACE; which store they choose: `shapstream audit --help`.
     """
     since, until = _moment(start, "--start"), _moment(end, "--end")
     if until <= since:
-        raise typer.BadParameter("must be after --start", param_hint="--end")
-    settings = Settings()
+        raise _refused("--end", "must be after --start")
+    _check_out(out, force)
+    from service.cli.stores import store_settings
+
+    settings = store_settings()
     started = time.perf_counter()
-    rows = asyncio.run(_export(settings, since, until, model_version, decision, export_format, out))
+    target = _Target(out, force)
+    rows = asyncio.run(
+        _export(settings, since, until, model_version, decision, export_format, target)
+    )
     elapsed = time.perf_counter() - started
     typer.echo(
         f"{rows} rows in {elapsed:.1f} s ({rows / elapsed if elapsed else 0:,.0f} rows/s) -> {out}"
@@ -91,6 +142,14 @@ def verify_command(
     raise typer.Exit(1)
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where the export goes, and whether an existing file there may be replaced."""
+
+    path: Path
+    force: bool
+
+
 async def _export(
     settings: Settings,
     start: datetime,
@@ -98,27 +157,36 @@ async def _export(
     model_version: str | None,
     decision: str | None,
     export_format: ExportFormat,
-    out: Path,
+    target: _Target,
 ) -> int:
     from service.core.access import AccessEntry, Action
     from service.core.export import (
         AuditExport,
         ExportQuery,
+        QueryError,
         access_target,
         scan_versions,
         schemas_from,
+        select_versions,
     )
 
     async with _open_stores(settings) as (store, access):
-        versions = (model_version,) if model_version else tuple(await store.model_versions())
+        schemas = schemas_from(store.get_model)
+        try:
+            versions = await select_versions(store, schemas, model_version, decision)
+        except QueryError as error:
+            hint = "--" + error.field.replace("_", "-")
+            raise _refused(hint, error.reason) from None
         query = ExportQuery(start, end, versions, decision, export_format)
-        target = access_target(query, model_version)
-        entry = AccessEntry(datetime.now(UTC), _cli_user(), Action.AUDIT_EXPORT, target)
+        chosen = versions[0] if model_version is not None else None
+        entry = AccessEntry(
+            datetime.now(UTC), _cli_user(), Action.AUDIT_EXPORT, access_target(query, chosen)
+        )
         await access.record(entry)
-        export = AuditExport(query, schemas_from(store.get_model))
+        export = AuditExport(query, schemas)
         records = scan_versions(store, versions, start, end)
         async with aclosing(records):
-            await _write(export, records, _progress_scale(settings, query), out)
+            await _write(export, records, _progress_scale(settings, query), target)
         return export.rows
 
 
@@ -126,9 +194,9 @@ async def _write(
     export: "AuditExport",
     records: AsyncIterator["DecisionRecord"],
     scale: tuple[Callable[["DecisionRecord"], int], int],
-    out: Path,
+    target: _Target,
 ) -> None:
-    """Write the export to `out` under a rich progress bar over the scan."""
+    """Write the export to the target under a rich progress bar over the scan."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     position, total = scale
@@ -138,6 +206,7 @@ async def _write(
         TextColumn("{task.percentage:>3.0f}%  {task.fields[rows]:,} records read"),
         TimeElapsedColumn(),
     )
+    out = target.path
     partial = out.with_name(out.name + ".partial")
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task("exporting", total=total, rows=0)
@@ -152,10 +221,52 @@ async def _write(
             progress.update(task, completed=total, rows=seen)
 
         # The file gets its name only once complete: a failed export leaves `.partial` behind.
-        with partial.open("wb") as handle:
+        with _open_private(partial) as handle:
             async for chunk in export.chunks(tracked()):
-                handle.write(chunk)
-    partial.replace(out)
+                try:
+                    handle.write(chunk)
+                except OSError as error:  # e.g. the disk is full
+                    raise _unwritable(partial, error) from None
+    _publish(partial, target)
+
+
+def _open_private(path: Path) -> BinaryIO:
+    """`path` truncated for writing, readable by its owner only: it holds applicants' data."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as error:
+        raise _unwritable(path, error) from None
+    handle = os.fdopen(descriptor, "wb")
+    # An earlier `.partial` keeps its mode through O_TRUNC: narrow it too.
+    os.fchmod(descriptor, 0o600)
+    return handle
+
+
+def _unwritable(path: Path, error: OSError) -> typer.Exit:
+    return _refused("--out", f"cannot write {path}: {error.strerror}")
+
+
+def _publish(partial: Path, target: _Target) -> None:
+    """Give the complete file its name; without --force, never over a file made meanwhile."""
+    if target.force:
+        partial.replace(target.path)
+        return
+    try:
+        # A hard link fails if the name is taken, atomically (a rename would replace it).
+        os.link(partial, target.path)
+    except FileExistsError:
+        raise _refused(
+            "--out", f"{target.path} was created while exporting: the export is in {partial}"
+        ) from None
+    except OSError:
+        # A file system without hard links: check, then rename (a narrow race remains).
+        if target.path.exists():
+            raise _refused(
+                "--out", f"{target.path} was created while exporting: the export is in {partial}"
+            ) from None
+        partial.replace(target.path)
+        return
+    partial.unlink()
 
 
 def _progress_scale(
@@ -206,6 +317,6 @@ async def _open_stores(
     from service.cli.stores import open_stores
 
     if settings.mode != "kafka" and not (settings.data_dir / DB_FILE).exists():
-        raise typer.BadParameter(f"no embedded database in {settings.data_dir}")
+        raise _refused("SHAPSTREAM_DATA_DIR", f"no embedded database in {settings.data_dir}")
     async with open_stores(settings) as stores:
         yield stores

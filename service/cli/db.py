@@ -9,18 +9,23 @@ from service.settings import Settings
 db_app = typer.Typer(no_args_is_help=True, help="The Cassandra schema.")
 
 
-@db_app.command()
+@db_app.command(
+    help="Create the keyspace and tables that are missing (Cassandra only: the embedded store "
+    "of `shapstream run` needs no migration).\n\n"
+    "Settings (environment): SHAPSTREAM_CASSANDRA_HOSTS, SHAPSTREAM_CASSANDRA_KEYSPACE, "
+    "SHAPSTREAM_CASSANDRA_REPLICATION_FACTOR, SHAPSTREAM_CASSANDRA_LOCAL_DC, "
+    "SHAPSTREAM_CASSANDRA_USERNAME, SHAPSTREAM_CASSANDRA_PASSWORD, SHAPSTREAM_RETENTION_DAYS "
+    "(how long rows are kept)."
+)
 def migrate() -> None:
-    """Create the keyspace and tables that are missing (SHAPSTREAM_CASSANDRA_* settings)."""
-    from cassandra.cluster import NoHostAvailable
+    """Create the missing keyspace and tables in Cassandra."""
+    from service.cli.preflight import reported
 
-    settings = Settings()
+    settings = Settings(mode="kafka")
     cassandra = settings.cassandra
-    try:
+    hint = " (The embedded store of `make run` needs no migration.)"
+    with reported(settings, hint=hint):
         created, kept = asyncio.run(_migrate(settings))
-    except NoHostAvailable as error:
-        typer.echo(f"cannot reach Cassandra at {cassandra.hosts}: {error}", err=True)
-        raise typer.Exit(1) from error
     typer.echo(f"Cassandra {cassandra.hosts}, keyspace {cassandra.keyspace}")
     for table in created:
         typer.echo(f"  created  {table}")

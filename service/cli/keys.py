@@ -7,13 +7,21 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from service.cli.stores import open_stores
+from service.cli.stores import STORE_RULE, open_stores, store_settings
 from service.ports import AccessStore
 from service.settings import Settings
 
 T = TypeVar("T")
 
-keys_app = typer.Typer(no_args_is_help=True, help="API keys.")
+# The settings these commands read that a user would change, with the rule that picks the store.
+STORE_SETTINGS = (
+    "Settings (environment): SHAPSTREAM_MODE, SHAPSTREAM_DATA_DIR, SHAPSTREAM_CASSANDRA_HOSTS, "
+    f"SHAPSTREAM_CASSANDRA_KEYSPACE. {STORE_RULE}"
+)
+
+keys_app = typer.Typer(
+    no_args_is_help=True, help=f"API keys: create, list, revoke.\n\n{STORE_SETTINGS}"
+)
 
 Name = Annotated[str, typer.Option("--name", help="Who or what the key is for (logged on use).")]
 Scopes = Annotated[
@@ -22,9 +30,11 @@ Scopes = Annotated[
 ]
 
 
-@keys_app.command()
+@keys_app.command(
+    help="Create a key; it is printed once (alone on stdout), and only its SHA-256 is stored."
+    f"\n\n{STORE_SETTINGS}"
+)
 def create(name: Name, scopes: Scopes) -> None:
-    """Create a key; it is printed once, and only its SHA-256 is stored."""
     from service.core.access import new_api_key, parse_scopes
 
     try:
@@ -32,7 +42,7 @@ def create(name: Name, scopes: Scopes) -> None:
         key, record = new_api_key(name, parsed)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
-    settings = Settings()
+    settings = store_settings()
     _run(settings, lambda access: access.put_key(record))
     typer.echo(f"Created key {record.name!r} with scopes {', '.join(sorted(parsed))}.", err=True)
     typer.echo("Store it now: it cannot be shown again.", err=True)
@@ -40,20 +50,25 @@ def create(name: Name, scopes: Scopes) -> None:
     typer.echo(key)
 
 
-@keys_app.command("list")
+@keys_app.command(
+    "list",
+    help="Names, scopes and creation times of the stored keys (never the keys or their "
+    f"hashes).\n\n{STORE_SETTINGS}",
+)
 def list_keys() -> None:
-    """Names, scopes and creation times of the stored keys (never the keys or their hashes)."""
-    keys = _run(Settings(), lambda access: access.keys())
+    keys = _run(store_settings(), lambda access: access.keys())
     for key in keys:
         typer.echo(
             f"{key.created_at:%Y-%m-%dT%H:%M:%SZ}  {key.name}  {','.join(sorted(key.scopes))}"
         )
 
 
-@keys_app.command()
+@keys_app.command(
+    help="Delete every key of that name; running gateways refuse it once their cache expires "
+    f"(SHAPSTREAM_SECURITY_KEY_CACHE_S, default 30).\n\n{STORE_SETTINGS}"
+)
 def revoke(name: Annotated[str, typer.Argument(help="Name of the key(s) to revoke.")]) -> None:
-    """Delete every key of that name; running gateways refuse it once their cache expires."""
-    settings = Settings()
+    settings = store_settings()
 
     async def delete(access: AccessStore) -> int:
         matching = [k for k in await access.keys() if k.name == name]
@@ -82,6 +97,6 @@ def _run(settings: Settings, action: Callable[[AccessStore], Awaitable[T]]) -> T
 
 @asynccontextmanager
 async def open_access_store(settings: Settings) -> AsyncIterator[AccessStore]:
-    """The access store of the configured mode (`SHAPSTREAM_MODE`), schema ensured."""
+    """The access store that `settings` name (see `store_settings`), schema ensured."""
     async with open_stores(settings) as (_, access):
         yield access

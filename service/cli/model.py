@@ -1,5 +1,6 @@
 """`shapstream model`: make model directories (bring your own model, or the demo)."""
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -30,14 +31,30 @@ def _load_categories(path: Path | None) -> dict[str, list[str]]:
 
 
 def _written(directory: Path) -> None:
-    from service.core.registry import LoadedModel
+    from service.core.registry import LoadedModel, model_dirs
 
     model = LoadedModel.from_directory(directory)
     typer.echo(f"wrote {directory / model.schema.model_file} and {directory / 'schema.json'}")
     typer.echo(f"model {model.name} ({model.schema.task.value}), version {model.version}")
+    served = model_dirs(directory.parent)
+    # A hint, not configuration: the server checks the setting itself at start.
+    if len(served) > 1 and not os.environ.get("SHAPSTREAM_DEFAULT_MODEL"):
+        typer.echo(
+            f"note: {directory.parent} now holds {len(served)} models; a server started on it "
+            "needs SHAPSTREAM_DEFAULT_MODEL, the model a request without `model` gets"
+        )
 
 
-@model_app.command("init")
+INIT_HELP = (
+    "Turn an XGBoost model file into a model directory (model.json + schema.json).\n\n"
+    "The server serves every model directory under SHAPSTREAM_MODELS_DIR; with more than one, "
+    "set SHAPSTREAM_DEFAULT_MODEL to the model a request without `model` gets (the server does "
+    "not start otherwise). Then edit schema.json: reason families, and required features "
+    '("nullable": false).'
+)
+
+
+@model_app.command("init", help=INIT_HELP)
 def init(
     model_file: ModelFile,
     dest_dir: Dest,
@@ -59,7 +76,7 @@ def init(
         str | None, typer.Option(help="Protected attributes, comma separated.")
     ] = None,
 ) -> None:
-    """Turn an XGBoost model file into a model directory (model.json + schema.json)."""
+    """Turn an XGBoost model file into a model directory (help: `INIT_HELP`)."""
     from service.core.model_init import init_model_dir
     from service.core.registry import ModelError
 

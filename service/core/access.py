@@ -25,10 +25,19 @@ class Scope(StrEnum):
 
 
 class Action(StrEnum):
-    """What an access log entry records."""
+    """What an access log entry records: a disclosure, or an attempt that was refused."""
 
     EXPLANATION_READ = "explanation.read"
     AUDIT_EXPORT = "audit.export"
+    # Refused (an examiner asks who tried, not only who read): 401, 403, and a 404 on an
+    # explanation (a probe for transaction ids). See service/core/denials.py.
+    DENIED_UNAUTHENTICATED = "denied.unauthenticated"
+    DENIED_FORBIDDEN = "denied.forbidden"
+    DENIED_NOT_FOUND = "denied.not_found"
+
+
+# The key name of an entry whose caller had no valid key; never a valid key name (KEY_NAME).
+NO_VALID_KEY = "(no valid key)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +52,7 @@ class ApiKey:
 
 @dataclass(frozen=True, slots=True)
 class AccessEntry:
-    """One recorded read: who (key name), what (action, target), when (UTC)."""
+    """One recorded read or refused attempt: who (key name), what (action, target), when (UTC)."""
 
     at: datetime
     key_name: str

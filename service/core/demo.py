@@ -97,22 +97,57 @@ PROTECTED = frozenset({"personal_status_and_sex", "age_in_years", "foreign_worke
 # sample notice (12 CFR 1002, appendix C) where one fits. A family only appears as a reason
 # when its features pushed toward denial, so a directional text ("is long") is used only for
 # features constrained to raise the risk as they grow; the others name the factor plainly.
-REASON_FAMILIES: dict[str, str] = {
-    "checking": "Status of checking account",
-    "duration": "Duration of credit is long",
-    "history": "Credit history",
-    "purpose": "Purpose of credit",
-    "amount": "Credit amount is high",
-    "savings": "Insufficient savings",
-    "employment": "Length or type of employment",
-    "payment_to_income": "Installment payments are high in relation to income",
-    "guarantors": "Co-applicant or guarantor status",
-    "residence": "Length of residence or housing status",
-    "collateral": "Value or type of collateral not sufficient",
-    "other_credit": "Other existing credit obligations",
-    "dependents": "Number of dependents",
-    "telephone": "Telephone listing",
+# The second text is for what the applicant did not provide (null) and the model held against
+# them: Regulation B's "incomplete application", said of the family. Families of required
+# features only have none: their values are never missing.
+REASON_FAMILIES: dict[str, tuple[str, str | None]] = {
+    "checking": ("Status of checking account", "Checking account information not provided"),
+    "duration": ("Duration of credit is long", None),
+    "history": ("Credit history", None),
+    "purpose": ("Purpose of credit", None),
+    "amount": ("Credit amount is high", None),
+    "savings": ("Insufficient savings", "Savings information not provided"),
+    "employment": ("Length or type of employment", "Employment information not provided"),
+    "payment_to_income": ("Installment payments are high in relation to income", None),
+    "guarantors": (
+        "Co-applicant or guarantor status",
+        "Co-applicant or guarantor information not provided",
+    ),
+    "residence": (
+        "Length of residence or housing status",
+        "Residence or housing information not provided",
+    ),
+    "collateral": (
+        "Value or type of collateral not sufficient",
+        "Collateral information not provided",
+    ),
+    "other_credit": (
+        "Other existing credit obligations",
+        "Information on other credit obligations not provided",
+    ),
+    "dependents": ("Number of dependents", "Number of dependents not provided"),
+    "telephone": ("Telephone listing", "Telephone listing not provided"),
 }
+
+# What a lender needs to decide at all; every other feature may be null (not provided).
+# - The credit applied for: amount, duration and purpose. Without them there is no
+#   application to decide, only a form to send back.
+# - Its affordability: the installment as a share of disposable income. A creditworthiness
+#   assessment (Consumer Credit Directive art. 8, BGB 505a) cannot be made without income.
+# - The credit record: the history (from the credit bureau; "no credits taken" is a value of
+#   its own, so it is never unknown) and the credits held at this bank (the bank's own books).
+# Protected attributes are never required: Regulation B (12 CFR 1002.5) restricts asking for
+# sex and marital status, and a model must decide without what it may not give as a reason.
+REQUIRED = frozenset(
+    {
+        "credit_amount",
+        "duration_in_month",
+        "purpose",
+        "installment_rate_in_percentage_of_disposable_income",
+        "credit_history",
+        "number_of_existing_credits_at_this_bank",
+    }
+)
 
 FAMILY_OF: dict[str, str] = {
     "status_of_existing_checking_account": "checking",
@@ -187,7 +222,7 @@ def demo_schema(frame: pd.DataFrame, holdout_auc: float) -> ModelSchema:
                 name=column,
                 type=FeatureType.CATEGORICAL,
                 categories=tuple(frame[column].cat.categories),
-                nullable=True,
+                nullable=column not in REQUIRED,
                 description=_DESCRIPTIONS[column],
                 family=FAMILY_OF.get(column),
                 protected=column in PROTECTED,
@@ -199,6 +234,7 @@ def demo_schema(frame: pd.DataFrame, holdout_auc: float) -> ModelSchema:
                 minimum=numeric.minimum,
                 maximum=numeric.maximum,
                 monotone=numeric.monotone,
+                nullable=column not in REQUIRED,
                 description=numeric.description,
                 family=FAMILY_OF.get(column),
                 protected=column in PROTECTED,
@@ -215,9 +251,16 @@ def demo_schema(frame: pd.DataFrame, holdout_auc: float) -> ModelSchema:
         description=(
             "Probability that a credit applicant is a bad credit risk. XGBoost on the Statlog "
             "German Credit Data (UCI id 144, Hans Hofmann, University of Hamburg, CC BY 4.0); "
-            f"held-out AUC {holdout_auc:.3f} on {HOLDOUT_FRACTION:.0%} of the applicants."
+            f"held-out AUC {holdout_auc:.3f} on {HOLDOUT_FRACTION:.0%} of the applicants. "
+            "Required (not nullable): the credit applied for (amount, duration, purpose), its "
+            "installment rate (no creditworthiness assessment without income) and the credit "
+            "record (history, credits at this bank); the rest may be null, not provided, and "
+            "protected attributes are never required."
         ),
-        families=tuple(ReasonFamily(name=n, reason=r) for n, r in REASON_FAMILIES.items()),
+        families=tuple(
+            ReasonFamily(name=n, reason=r, missing_reason=m)
+            for n, (r, m) in REASON_FAMILIES.items()
+        ),
     )
 
 

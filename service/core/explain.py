@@ -141,7 +141,7 @@ def _record(
         engine=engine,
         decided_at=event.decided_at,
         explained_at=explained_at,
-        reasons=decision_reasons(schema, event.prediction, attributions),
+        reasons=decision_reasons(schema, event.prediction, attributions, event.features),
         protected_share=protected_share(schema, attributions),
         record_hash="",
     )

@@ -30,7 +30,15 @@ import hashlib
 import io
 import itertools
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections import deque
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Sequence,
+)
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -85,6 +93,13 @@ CHUNK_BYTES: Final = 64 * 1024
 MAX_MANIFEST_BYTES: Final = 16 * 1024 * 1024
 # Problems kept in a report (all are counted): memory stays flat on a thoroughly damaged file.
 MAX_PROBLEMS: Final = 1000
+# Misplaced rows and gaps remembered to pair a moved row with the place it was taken from.
+MAX_UNPLACED: Final = 64
+# A model version may be given by a prefix this long or longer (logs print 12 characters):
+# shorter ones match too much to be a deliberate choice.
+MIN_VERSION_PREFIX: Final = 8
+MAX_SHOWN_VERSIONS: Final = 5
+BINARY_OUTCOMES: Final = ("approve", "deny")
 
 
 class ExportFormat(StrEnum):
@@ -94,6 +109,15 @@ class ExportFormat(StrEnum):
 
 class ExportError(ValueError):
     """A record that cannot be exported (its model version is unknown, or does not fit it)."""
+
+
+class QueryError(ValueError):
+    """An export query that names something the store does not hold; `field` names the input."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(reason)
+        self.field = field
+        self.reason = reason
 
 
 SchemaLookup = Callable[[str], Awaitable[ModelSchema]]
@@ -117,6 +141,76 @@ class ExportQuery:
             "decision": self.decision,
             "format": self.format.value,
         }
+
+
+def match_version(given: str, versions: Sequence[str]) -> str:
+    """The one stored version that is `given` or starts with it (logs print 12 characters).
+
+    Raises `QueryError` when none does, when several do (naming them), or when the prefix is
+    shorter than MIN_VERSION_PREFIX.
+    """
+    if given in versions:
+        return given
+    if len(given) < MIN_VERSION_PREFIX:
+        raise QueryError(
+            "model_version",
+            f"{given!r} is too short: give the whole version or at least "
+            f"{MIN_VERSION_PREFIX} of its first characters",
+        )
+    found = [version for version in versions if version.startswith(given)]
+    if not found:
+        raise QueryError("model_version", f"no stored model version starts with {given!r}")
+    if len(found) > 1:
+        shown = ", ".join(found[:MAX_SHOWN_VERSIONS])
+        more = (
+            f" and {len(found) - MAX_SHOWN_VERSIONS} more"
+            if len(found) > MAX_SHOWN_VERSIONS
+            else ""
+        )
+        raise QueryError(
+            "model_version",
+            f"{given!r} is ambiguous: {len(found)} stored versions start with it ({shown}{more}); "
+            "give more characters",
+        )
+    return found[0]
+
+
+def outcomes(schema: ModelSchema) -> tuple[str, ...]:
+    """The `decision` values a model's rows can hold: approve/deny, its classes, or none."""
+    if schema.task is Task.BINARY:
+        return BINARY_OUTCOMES
+    if schema.task is Task.MULTICLASS:
+        return schema.classes
+    return ()
+
+
+async def check_decision(decision: str, versions: Sequence[str], schemas: SchemaLookup) -> None:
+    """Raise `QueryError` unless some model version in `versions` can decide `decision`."""
+    allowed: dict[str, None] = {}
+    for version in versions:
+        allowed.update(dict.fromkeys(outcomes(await schemas(version))))
+    if decision not in allowed:
+        named = ", ".join(sorted(allowed)) or "none (no model version here decides)"
+        raise QueryError("decision", f"{decision!r} is not an outcome; allowed: {named}")
+
+
+async def select_versions(
+    store: ExplanationStore,
+    schemas: SchemaLookup,
+    model_version: str | None,
+    decision: str | None,
+) -> tuple[str, ...]:
+    """The stored versions an export covers: all, or the one `model_version` names.
+
+    Raises `QueryError` for a version prefix that matches no single version, or a `decision`
+    none of the versions can give.
+    """
+    versions = tuple(await store.model_versions())
+    if model_version is not None:
+        versions = (match_version(model_version, versions),)
+    if decision is not None:
+        await check_decision(decision, versions, schemas)
+    return versions
 
 
 def access_target(query: ExportQuery, model_version: str | None) -> str:
@@ -322,6 +416,7 @@ class ProblemKind(StrEnum):
     ALTERED = "altered"
     INSERTED = "inserted"
     REMOVED = "removed"
+    MOVED = "moved"
     CHAIN = "chain"
     MANIFEST = "manifest"
 
@@ -360,6 +455,18 @@ class VerifyReport:
         if len(self.problems) < MAX_PROBLEMS:
             self.problems.append(problem)
 
+    def replace(self, old: Problem, new: Problem | None) -> None:
+        """Revise a finding that later rows explained (None: it was no problem after all)."""
+        for index, kept in enumerate(self.problems):
+            if kept is old:
+                if new is None:
+                    del self.problems[index]
+                else:
+                    self.problems[index] = new
+                break
+        if new is None:
+            self.problem_count -= 1
+
 
 @dataclass(frozen=True, slots=True)
 class _Link:
@@ -380,25 +487,57 @@ class _Link:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class _Orphan:
+    """A row that does not chain where it stands, reported as `problem` until placed."""
+
+    link: _Link
+    problem: Problem
+
+
+@dataclass(frozen=True, slots=True)
+class _Gap:
+    """Where rows are missing: after the chain value `good` (of line `good_line`, None: the
+    start), before the row `before`."""
+
+    good: str
+    good_line: int | None
+    before: _Link
+    problem: Problem
+
+
 class _ChainCheck:
-    """Follows the chain with one row of lookahead, to tell an inserted row from a removed one.
+    """Follows the chain with one row of lookahead, to tell inserted, removed and moved rows.
 
     A row whose chain value does not extend the last good value is held; the next row decides:
     it extends the last good value (the held row was inserted), or the held row's value (rows
     were removed before the held row), or what the held row's value should have been (the
-    held row's chain cell was edited). Anything else is reported as a break at the held row.
+    held row's chain cell was edited). Anything else is a break at the held row.
+
+    A row that does not chain where it stands (inserted, or a break) is kept as an orphan, and
+    a place where rows are missing as a gap, the last MAX_UNPLACED of each. A row is moved when
+    it chains into a gap (an orphan whose value the first row after the gap extends, or an
+    inserted row that fills an earlier gap): then one `moved` problem, naming where the row
+    belongs, replaces the two reports (swapped rows are two moved rows, or one when adjacent).
     """
 
     def __init__(self, report: VerifyReport) -> None:
         self._report = report
         self._good = CHAIN_SEED
+        # The line whose chain value is `_good` (None: the start), and the last line looked at
+        # that is not held (a break is looked at, but the chain does not move on to it).
+        self._good_line: int | None = None
         self._last: _Link | None = None
         self._held: _Link | None = None
         self._restart = False
+        self._orphans: deque[_Orphan] = deque(maxlen=MAX_UNPLACED)
+        self._gaps: deque[_Gap] = deque(maxlen=MAX_UNPLACED)
 
     def skip(self) -> None:
         """An unreadable row (already reported): the chain restarts at the next readable one."""
-        self._resolve_held(None)
+        held, self._held = self._held, None
+        if held is not None:
+            self._broken(held)
         self._restart = True
 
     def feed(self, link: _Link) -> None:
@@ -408,6 +547,9 @@ class _ChainCheck:
         elif self._held is not None:
             self._resolve_held(link)
         elif link.extends(self._good):
+            self._accept(link)
+        elif (orphan := self._orphan_between(link.extends)) is not None:
+            self._moved(orphan, self._good_line, link.line)
             self._accept(link)
         else:
             self._held = link
@@ -428,6 +570,10 @@ class _ChainCheck:
             else:
                 self._broken(held)
         elif manifest_chain is not None and manifest_chain != self._good and not self._restart:
+            orphan = self._orphan_between(lambda chain: chain == manifest_chain)
+            if orphan is not None:
+                self._moved(orphan, self._good_line, None)
+                return
             after = "" if self._last is None else f" after line {self._last.line}"
             self._report.add(
                 Problem(
@@ -437,14 +583,9 @@ class _ChainCheck:
                 )
             )
 
-    def _resolve_held(self, witness: _Link | None) -> None:
+    def _resolve_held(self, witness: _Link) -> None:
         held, self._held = self._held, None
-        if held is None:
-            return
-        if witness is None:
-            self._broken(held)
-            self._good = held.chain
-            return
+        assert held is not None
         if witness.extends(self._good):
             self._inserted(held)
             self._accept(witness)
@@ -457,13 +598,33 @@ class _ChainCheck:
         ):
             self._chain_cell_altered(held)
             self._accept(witness)
+        elif (orphan := self._orphan_between(witness.extends)) is not None:
+            # The orphan belongs here, in the held row's place: the held row is misplaced too.
+            self._moved(orphan, self._good_line, witness.line)
+            self._inserted(held)
+            self._accept(witness)
         else:
+            # Neither row chains on: the held one is a break and waits, as an orphan, for a
+            # place further on; the witness is looked at afresh, after it but against the
+            # chain's last good value.
             self._broken(held)
-            self._good, self._last = held.chain, held
+            self._last = held
             self.feed(witness)
 
     def _accept(self, link: _Link) -> None:
-        self._good, self._last = link.chain, link
+        self._good, self._good_line, self._last = link.chain, link.line, link
+
+    def _orphan_between(self, fits: Callable[[str], bool]) -> _Orphan | None:
+        """The orphan that extends the last good value and whose value `fits` what follows."""
+        for orphan in self._orphans:
+            if orphan.link.extends(self._good) and fits(orphan.link.chain):
+                self._orphans.remove(orphan)
+                return orphan
+        return None
+
+    def _moved(self, orphan: _Orphan, after: int | None, before: int | None) -> None:
+        link = orphan.link
+        self._report.replace(orphan.problem, _moved_problem(link, after, before))
 
     def _chain_cell_altered(self, link: _Link) -> None:
         self._report.add(
@@ -473,35 +634,59 @@ class _ChainCheck:
         )
 
     def _inserted(self, link: _Link) -> None:
-        self._report.add(
-            Problem(
-                ProblemKind.INSERTED,
-                "the row is not part of the export's chain (the rows around it chain without it)",
-                link.line,
-                link.transaction_id,
-            )
+        for gap in self._gaps:
+            if link.extends(gap.good) and gap.before.extends(link.chain):
+                self._gaps.remove(gap)
+                self._report.replace(gap.problem, None)
+                self._report.add(_moved_problem(link, gap.good_line, gap.before.line))
+                return
+        problem = Problem(
+            ProblemKind.INSERTED,
+            "the row is not part of the export's chain (the rows around it chain without it)",
+            link.line,
+            link.transaction_id,
         )
+        self._report.add(problem)
+        self._orphans.append(_Orphan(link, problem))
 
     def _removed_before(self, link: _Link) -> None:
         after = "the start" if self._last is None else f"line {self._last.line}"
-        self._report.add(
-            Problem(
-                ProblemKind.REMOVED,
-                f"rows are missing between {after} and this row",
-                link.line,
-                link.transaction_id,
-            )
+        problem = Problem(
+            ProblemKind.REMOVED,
+            f"rows are missing between {after} and this row",
+            link.line,
+            link.transaction_id,
         )
+        self._report.add(problem)
+        self._gaps.append(_Gap(self._good, self._good_line, link, problem))
 
     def _broken(self, link: _Link) -> None:
-        self._report.add(
-            Problem(
-                ProblemKind.CHAIN,
-                "the chain breaks here (rows removed, inserted or reordered)",
-                link.line,
-                link.transaction_id,
-            )
+        problem = Problem(
+            ProblemKind.CHAIN,
+            "the chain breaks here (rows removed, inserted or reordered)",
+            link.line,
+            link.transaction_id,
         )
+        self._report.add(problem)
+        self._orphans.append(_Orphan(link, problem))
+
+
+def _moved_problem(link: _Link, after: int | None, before: int | None) -> Problem:
+    """`link` belongs between line `after` and line `before` (None: the start, the end)."""
+    line = link.line
+    if after == line + 1 and before in {line + 2, None}:
+        detail = f"swapped with line {after}: it belongs after it"
+    elif before == line - 1 and after in {line - 2, None}:
+        detail = f"swapped with line {before}: it belongs before it"
+    elif after is None:
+        detail = "it belongs at the start" if before is None else f"it belongs before line {before}"
+    elif before is None:
+        detail = f"it belongs at the end, after line {after}"
+    else:
+        detail = f"it belongs between line {after} and line {before}"
+        if before == after + 2:
+            detail += f", where line {after + 1} is"
+    return Problem(ProblemKind.MOVED, detail, line, link.transaction_id)
 
 
 @dataclass(frozen=True, slots=True)

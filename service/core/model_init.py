@@ -7,6 +7,7 @@ from pathlib import Path
 import orjson
 import xgboost as xgb
 
+from service.core.model_file import InvalidModelFile, check_model_bytes
 from service.core.registry import (
     InvalidModel,
     LoadedModel,
@@ -92,7 +93,15 @@ def init_model_dir(
     if (dest_dir / SCHEMA_FILE).exists():
         raise InvalidModel(f"{dest_dir} already holds a model; choose an empty directory")
     try:
-        booster = load_booster(model_file.read_bytes())
+        model_bytes = model_file.read_bytes()
+    except OSError as exc:
+        raise InvalidModel(f"{model_file}: cannot be read: {exc.strerror}") from None
+    try:
+        # xgboost's C++ aborts the process on some malformed files: they stop here.
+        check_model_bytes(model_bytes)
+        booster = load_booster(model_bytes)
+    except InvalidModelFile as exc:
+        raise InvalidModel(f"{model_file} {exc}") from None
     except xgb.core.XGBoostError as exc:
         raise InvalidModel(f"{model_file} is not an XGBoost model file") from exc
     learner = booster_config(booster)

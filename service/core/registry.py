@@ -6,7 +6,7 @@ import itertools
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,9 +15,11 @@ import numpy as np
 import orjson
 import xgboost as xgb
 from numpy.typing import NDArray
+from pydantic import ValidationError
 
 from service.core.engine.base import FloatMatrix
 from service.core.engine.fast import FastPredictor, UnsupportedModel
+from service.core.model_file import InvalidModelFile, check_model_bytes
 from service.core.records import (
     BinaryPrediction,
     ModelArtifact,
@@ -50,6 +52,10 @@ class InvalidModel(ModelError):
 
 class UnknownModel(ModelError, LookupError):
     """No model (or model version) by that name is known."""
+
+
+class NoDefaultModel(ModelError):
+    """Several models are served and none is named the default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,34 +273,54 @@ def _check_objective(schema: ModelSchema, booster: xgb.Booster) -> None:
 class LoadedModel:
     """One model version in memory: schema, booster, encoder and scorer."""
 
-    def __init__(self, schema: ModelSchema, model_bytes: bytes) -> None:
+    def __init__(self, schema: ModelSchema, model_bytes: bytes, *, source: str = "") -> None:
+        """`source` names where the model file came from, in errors (default: the model's name)."""
         self.schema = schema
         self.name = schema.name
         self.model_bytes = model_bytes
         self.version = model_version(model_bytes, schema)
+        where = source or f"{schema.name}: the model file"
         try:
+            # xgboost's C++ aborts the process on some malformed files: they stop here.
+            check_model_bytes(model_bytes)
             self.booster = load_booster(model_bytes)
+        except InvalidModelFile as exc:
+            raise InvalidModel(f"{where} {exc}") from None
         except xgb.core.XGBoostError as exc:
-            raise InvalidModel(f"{schema.name}: the model file cannot be loaded") from exc
-        # Parsed once per version: the schema checks and the native predictor share it.
-        model_json = booster_json(self.booster)
-        self._check_booster(model_json)
+            raise InvalidModel(f"{where} cannot be loaded by xgboost: {_first_line(exc)}") from None
+        try:
+            # Parsed once per version: the schema checks and the native predictor share it.
+            model_json = booster_json(self.booster)
+            self._check_booster(model_json, source or schema.name)
+            self._check_scores(source or schema.name)
+            objective = booster_config(self.booster)["objective"]["name"]
+        except xgb.core.XGBoostError as exc:
+            # Loaded, yet xgboost refuses to use it (an intercept its objective cannot take).
+            raise InvalidModel(f"{where} is refused by xgboost: {_first_line(exc)}") from None
+        except ValueError as exc:  # xgboost wrote it back as JSON that does not parse
+            raise InvalidModel(f"{where} is not readable back from xgboost: {exc}") from None
         self._columns = _columns(schema)
         self._names = frozenset(schema.feature_names)
         self._n = len(schema.features)
-        objective = booster_config(self.booster)["objective"]["name"]
         self._link = _REGRESSION_LINKS.get(objective, _identity)
         self.native: FastPredictor | None = self._native_predictor(model_json)
 
     @classmethod
     def from_directory(cls, path: Path) -> "LoadedModel":
         """Load the model directory at `path` (schema.json and the model file it names)."""
+        schema_file = path / SCHEMA_FILE
         try:
-            schema = ModelSchema.model_validate_json((path / SCHEMA_FILE).read_bytes())
-            model_bytes = (path / schema.model_file).read_bytes()
-        except (OSError, ValueError) as exc:
-            raise InvalidModel(f"{path}: {exc}") from exc
-        return cls(schema, model_bytes)
+            schema = ModelSchema.model_validate_json(schema_file.read_bytes())
+        except OSError as exc:
+            raise InvalidModel(f"{schema_file}: cannot be read: {exc.strerror}") from None
+        except ValidationError as exc:
+            raise InvalidModel(f"{schema_file}: not a valid schema: {_errors(exc)}") from None
+        model_file = path / schema.model_file
+        try:
+            model_bytes = model_file.read_bytes()
+        except OSError as exc:
+            raise InvalidModel(f"{model_file}: cannot be read: {exc.strerror}") from None
+        return cls(schema, model_bytes, source=str(model_file))
 
     @classmethod
     def from_artifact(cls, artifact: ModelArtifact) -> "LoadedModel":
@@ -303,13 +329,14 @@ class LoadedModel:
             schema = ModelSchema.model_validate_json(artifact.schema_bytes)
         except ValueError as exc:
             raise InvalidModel(f"artifact {artifact.version}: invalid schema") from exc
-        model = cls(schema, artifact.model_bytes)
-        if model.version != artifact.version or model.name != artifact.name:
+        # Before xgboost sees the bytes: a version's content is known, anything else is refused.
+        version = model_version(artifact.model_bytes, schema)
+        if version != artifact.version or schema.name != artifact.name:
             raise InvalidModel(
                 f"artifact {artifact.name}@{artifact.version} hashes to "
-                f"{model.name}@{model.version}: refusing a tampered or corrupt model"
+                f"{schema.name}@{version}: refusing a tampered or corrupt model"
             )
-        return model
+        return cls(schema, artifact.model_bytes, source=f"artifact {artifact.name}@{version[:12]}")
 
     def artifact(self) -> ModelArtifact:
         """This version as stored, so a worker can load it later by version."""
@@ -325,13 +352,32 @@ class LoadedModel:
         """Margin columns per row (one per class for multiclass, else one)."""
         return self.schema.outputs
 
-    def _check_booster(self, model_json: dict[str, Any]) -> None:
+    def _check_booster(self, model_json: dict[str, Any], where: str) -> None:
         """Refuse a schema that does not describe this booster."""
         try:
             _check_features(self.schema, self.booster, model_json)
             _check_objective(self.schema, self.booster)
         except InvalidModel as exc:
-            raise InvalidModel(f"{self.schema.name}: {exc}") from None
+            raise InvalidModel(f"{where}: {exc}") from None
+
+    def _check_scores(self, where: str) -> None:
+        """Refuse a model xgboost loads but cannot score (say, an intercept its link refuses),
+        or that gives another number of margins a row than the schema's task: its every
+        request would fail."""
+        empty = np.full((1, self.booster.num_features()), np.nan, dtype=np.float32)
+        try:
+            margins = self.booster.inplace_predict(
+                empty, predict_type="margin", strict_shape=True, validate_features=False
+            )
+        except xgb.core.XGBoostError as exc:
+            raise InvalidModel(
+                f"{where}: xgboost cannot score with it: {_first_line(exc)}"
+            ) from None
+        if np.asarray(margins).size != self.outputs:
+            raise InvalidModel(
+                f"{where}: the model gives {np.asarray(margins).size} margins a row, a "
+                f"{self.schema.task.value} model {self.outputs}"
+            )
 
     def _encode_row(
         self, features: Mapping[str, object], values: list[float], row: int | None
@@ -455,6 +501,22 @@ class LoadedModel:
         return self.prediction(self.predict_margins(row.reshape(1, -1))[0])
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception's message on one line (xgboost's carry a C++ stack trace)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _errors(exc: ValidationError, limit: int = 3) -> str:
+    """A schema's validation errors on one line: where, and what is wrong."""
+    found = [
+        f"{'.'.join(str(part) for part in error['loc']) or 'document'}: {error['msg']}"
+        for error in exc.errors()[:limit]
+    ]
+    more = exc.error_count() - len(found)
+    return "; ".join(found) + (f" (and {more} more)" if more > 0 else "")
+
+
 def _probe_rows(schema: ModelSchema, native: FastPredictor) -> FloatMatrix:
     """Synthetic rows that exercise every routing rule of the model.
 
@@ -533,6 +595,52 @@ def _encode_value(col: _Column, value: object) -> float | str:
     return number
 
 
+def model_dirs(models_dir: Path) -> list[Path]:
+    """The model directories under `models_dir` (those holding a schema.json), by name."""
+    return sorted(p for p in models_dir.iterdir() if (p / SCHEMA_FILE).is_file())
+
+
+def load_model_dirs(
+    dirs: Iterable[Path], before_each: Callable[[Path], None] | None = None
+) -> list[LoadedModel]:
+    """Every directory loaded; raises InvalidModel naming each one that cannot be served."""
+    models: list[LoadedModel] = []
+    problems: list[str] = []
+    for directory in dirs:
+        if before_each is not None:
+            before_each(directory)
+        try:
+            models.append(LoadedModel.from_directory(directory))
+        except InvalidModel as exc:
+            problems.append(str(exc))
+    if problems:
+        # Each directory must load: fix the one named, or move it out of the models directory.
+        raise InvalidModel("; ".join(problems))
+    return models
+
+
+def default_model_of(names: Collection[str], default_model: str | None) -> str | None:
+    """The model a request without `model` gets: the one named, else the only one served.
+
+    Never the first by name: adding a model must not change where requests go. With more than
+    one model the default must be named (SHAPSTREAM_DEFAULT_MODEL), or NoDefaultModel.
+    """
+    served = ", ".join(sorted(names)) or "none"
+    if default_model is not None:
+        if default_model not in names:
+            raise UnknownModel(
+                f"SHAPSTREAM_DEFAULT_MODEL={default_model!r} is not a served model (served: "
+                f"{served})"
+            )
+        return default_model
+    if len(names) > 1:
+        raise NoDefaultModel(
+            f"{len(names)} models are served ({served}) and SHAPSTREAM_DEFAULT_MODEL is not "
+            "set: set it to the model a request without `model` gets"
+        )
+    return next(iter(names), None)
+
+
 class ModelRegistry:
     """The active version of each model, plus older versions loaded on demand for workers."""
 
@@ -549,9 +657,7 @@ class ModelRegistry:
                 raise InvalidModel(f"two model directories are named {model.name!r}")
             self._active[model.name] = model
         self._by_version = {m.version: m for m in self._active.values()}
-        if default_model is not None and default_model not in self._active:
-            raise UnknownModel(f"default model {default_model!r} is not in the registry")
-        self._default = default_model or min(self._active, default=None)
+        self._default = default_model_of(self._active.keys(), default_model)
         self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
         self._cache_size = cache_size
         self._load_lock = asyncio.Lock()
@@ -560,9 +666,13 @@ class ModelRegistry:
     def scan(
         cls, models_dir: Path, *, default_model: str | None = None, cache_size: int = 8
     ) -> "ModelRegistry":
-        """Load every subdirectory of `models_dir` that holds a schema.json."""
-        dirs = sorted(p for p in models_dir.iterdir() if (p / SCHEMA_FILE).is_file())
-        models = [LoadedModel.from_directory(d) for d in dirs]
+        """Load every model directory of `models_dir`; refuse if any one cannot be served.
+
+        A broken directory is a deployment error: serving the others would answer its
+        callers with "unknown model" (or another model, were it the default) until someone
+        reads the log, so nothing is served and the error names each broken directory.
+        """
+        models = load_model_dirs(model_dirs(models_dir))
         return cls(models, default_model=default_model, cache_size=cache_size)
 
     @classmethod

@@ -33,6 +33,8 @@ class Feature(Frozen):
     categories: tuple[str, ...] = ()
     minimum: float | None = None
     maximum: float | None = None
+    # False marks a required feature: an application without its value (null) is refused
+    # (422 naming it) instead of decided. True lets `null` stand for a value not provided.
     nullable: bool = True
     monotone: Literal[-1, 0, 1] = 0
     description: str = ""
@@ -56,10 +58,21 @@ class Feature(Frozen):
 
 
 class ReasonFamily(Frozen):
-    """Related features summed into one principal reason, with the text a notice would give."""
+    """Related features summed into one principal reason, with the text a notice would give.
+
+    `reason` speaks of values the applicant gave ("Credit amount is high"), so it is given
+    only for what the applicant's present values pushed. What their missing values pushed is
+    a reason of its own, worded `missing_reason` ("Credit amount not provided"); without
+    one, the text names the missing features by description.
+    """
 
     name: str = Field(min_length=1)
     reason: str = Field(min_length=1)
+    # Left out of the stored schema while unset, so versions hashed before it existed keep
+    # their hash (a version is the hash of the model file and the canonical schema).
+    missing_reason: str | None = Field(
+        default=None, min_length=1, exclude_if=lambda value: value is None
+    )
 
 
 class DecisionRule(Frozen):
@@ -109,6 +122,13 @@ class ModelSchema(Frozen):
         empty = [name for name in families if name not in used]
         if empty:
             raise ValueError(f"reason families without features: {empty}")
+        # Likewise a missing_reason no missing value can ever call for.
+        nullable = {f.family for f in self.features if f.family is not None and f.nullable}
+        never = [f.name for f in self.families if f.missing_reason and f.name not in nullable]
+        if never:
+            raise ValueError(
+                f"reason families with a missing_reason but no nullable feature: {never}"
+            )
 
     @property
     def feature_names(self) -> list[str]:

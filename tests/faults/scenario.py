@@ -32,7 +32,8 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.api_client import german_rows
+from service.core.schema import SCHEMA_FILE, ModelSchema
+from tests.api_client import MODELS, german_rows
 from tests.faults.checks import Bounds, Timeline, Verdict, judge
 from tests.faults.load import RETRIED, Load, Policy, Transaction
 from tests.faults.servers import FaultServers, ServersFailed
@@ -91,12 +92,15 @@ def attempts_for(fault_s: float, retry_s: float = Policy().retry_s) -> int:
 def request_bodies(prefix: str) -> Callable[[int], tuple[str, bytes]]:
     """Decision i: its own transaction id and a German-credit applicant, some with nulls."""
     rows = german_rows()
+    # Only features the demo model lets be missing: a required one null is a 422.
+    schema = ModelSchema.model_validate_json((MODELS / "german-credit" / SCHEMA_FILE).read_bytes())
+    optional = sorted(f.name for f in schema.features if f.nullable)
 
     def make(index: int) -> tuple[str, bytes]:
         txn = f"{prefix}-{index:06d}"
         features: dict[str, Any] = dict(rows[index % len(rows)])
         if index % WITH_NULLS_EVERY == 0:
-            chosen = random.Random(index).sample(sorted(features), k=2)
+            chosen = random.Random(index).sample(optional, k=2)
             features.update(dict.fromkeys(chosen))
         return txn, orjson.dumps({"transaction_id": txn, "features": features})
 

@@ -210,11 +210,15 @@ async def _decide_and_explain(
         return await asyncio.gather(*(one(r) for r in rows))
 
 
-def _with_missing(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+def _with_missing(
+    rows: list[dict[str, Any]], seed: int, model: LoadedModel | None = None
+) -> list[dict[str, Any]]:
+    """Rows with 1 to 4 features null: of those `model` lets be null (required ones never)."""
     rng = random.Random(seed)
+    required = {f.name for f in model.schema.features if not f.nullable} if model else set()
     out = []
     for row in rows:
-        holes = rng.sample(sorted(row), k=rng.randint(1, 4))
+        holes = rng.sample(sorted(set(row) - required), k=rng.randint(1, 4))
         out.append({k: (None if k in holes else v) for k, v in row.items()})
     return out
 
@@ -237,7 +241,7 @@ def _check_exact(
 async def test_german_credit_decisions_are_explained_exactly(stack: Stack) -> None:
     model = LoadedModel.from_directory(stack.models_dir / "german-credit")
     plain = german_rows(120)
-    rows = plain[:80] + _with_missing(plain[80:], seed=1)
+    rows = plain[:80] + _with_missing(plain[80:], seed=1, model=model)
     found = await _decide_and_explain(stack, rows, None)
     assert len({e["transaction_id"] for e in found}) == len(rows)
     _check_exact(model, rows, found)

@@ -24,6 +24,7 @@ from service.adapters.cassandra_store import CassandraStore, build_cluster
 from service.adapters.kafka_bus import KafkaBus, ensure_topics
 from service.core.records import DecisionEvent
 from service.core.registry import LoadedModel
+from service.metrics import package_version
 from service.settings import CassandraSettings, KafkaSettings, Settings, WorkerSettings
 from tests.polling import until
 from tests.worker_model import demo_or_small_model, make_events
@@ -227,10 +228,15 @@ async def test_probes_and_lag_through_a_store_outage(
 
         async def caught_up() -> bool:
             samples = await _samples(client)
-            lag = samples["shapstream_worker_lag"], samples["shapstream_worker_lag_seconds"]
+            lag = samples["shapstream_worker_lag_events"], samples["shapstream_worker_lag_seconds"]
             return lag == (0, 0) and await store.get(first.transaction_id) is not None
 
         await _until(caught_up)
+        # What the worker runs and explains with, for a dashboard to join on.
+        exposition = (await client.get("/metrics")).text
+        assert f'shapstream_build_info{{version="{package_version()}"}} 1.0' in exposition
+        info = f'shapstream_model_info{{name="{model.name}",version="{model.version}"}} 1.0'
+        assert info in exposition
 
         # Cassandra goes away for the worker; three events arrive meanwhile.
         await forwarder.cut()
@@ -251,7 +257,7 @@ async def test_probes_and_lag_through_a_store_outage(
         before = await _samples(client)
         assert before["shapstream_worker_ready"] == 0
         # The first of the three is in flight (not written); the two others wait behind it.
-        assert before["shapstream_worker_lag"] == 2
+        assert before["shapstream_worker_lag_events"] == 2
         assert before["shapstream_worker_lag_seconds"] > 0
 
         async def growing() -> bool:

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import xgboost as xgb
 
-from service.app import create_app
 from service.core.registry import LoadedModel
-from service.settings import Settings
-from tests.api_client import MODELS, asgi_client, bearer, dev_key, german_rows, problem_fields
+from tests.api_client import (
+    MODELS,
+    embedded_client,
+    german_rows,
+    problem_fields,
+)
 from tests.decision_checks import assert_adverse_action
 
 ROWS = german_rows(40)
@@ -20,10 +23,7 @@ ROWS = german_rows(40)
 
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    settings = Settings(mode="embedded", data_dir=tmp_path, models_dir=MODELS)
-    async with asgi_client(create_app(settings)) as c:
-        # The development key has every scope; tests/unit/test_auth.py covers refusals.
-        c.headers.update(bearer(dev_key(tmp_path)))
+    async with embedded_client(tmp_path) as c:
         yield c
 
 
@@ -42,7 +42,7 @@ def pred_contribs(features: dict[str, Any]) -> np.ndarray:
 
 
 async def test_prediction_is_explained_exactly(client: httpx.AsyncClient) -> None:
-    features = {**ROWS[3], "savings_account_and_bonds": None, "credit_amount": None}
+    features = {**ROWS[3], "savings_account_and_bonds": None, "job": None}
     answer = await client.post("/v1/predictions", json={"features": features})
     assert answer.status_code == 200, answer.text
     decision = answer.json()
@@ -135,7 +135,9 @@ async def test_oversized_bodies_are_refused(client: httpx.AsyncClient) -> None:
         for _ in range(70):
             yield b" " * 1_000
 
-    streamed = await client.post("/v1/predictions", content=chunks())
+    # Declared as JSON: a body that is not is refused (415) before it is read.
+    json = {"content-type": "application/json"}
+    streamed = await client.post("/v1/predictions", content=chunks(), headers=json)
     assert streamed.status_code == 413
     problem_fields(streamed)
 

@@ -114,3 +114,47 @@ def test_data_attribution_is_kept() -> None:
     readme = (ROOT / "data" / "README.md").read_text()
     for credit in ("Statlog", "144", "Hans Hofmann", "University of Hamburg", "CC BY 4.0"):
         assert credit in readme
+
+
+def test_required_features_are_what_a_lender_decides_on(model: LoadedModel) -> None:
+    """The credit applied for, its affordability and the credit record; never a protected one."""
+    required = {f.name for f in model.schema.features if not f.nullable}
+    assert (
+        required
+        == demo.REQUIRED
+        == {
+            "credit_amount",
+            "duration_in_month",
+            "purpose",
+            "installment_rate_in_percentage_of_disposable_income",
+            "credit_history",
+            "number_of_existing_credits_at_this_bank",
+        }
+    )
+    assert not any(f.protected and not f.nullable for f in model.schema.features)
+    assert "Required (not nullable)" in model.schema.description
+
+
+# The demo's version until its schema marked required features: stored with every decision it
+# made, so the same model file and schema must hash to it for as long as they are kept.
+VERSION_BEFORE_REQUIRED = "54d11a2d364d5bf9ec85c64ed9348a83e1eab0418f283da85e67436b7c51c332"
+
+
+def test_versions_stored_before_missing_reasons_existed_keep_their_hash(
+    model: LoadedModel,
+) -> None:
+    schema = model.schema
+    description = schema.description.split(" Required (not nullable)")[0]
+    before = schema.model_copy(
+        update={
+            "features": tuple(f.model_copy(update={"nullable": True}) for f in schema.features),
+            "families": tuple(
+                f.model_copy(update={"missing_reason": None}) for f in schema.families
+            ),
+            "description": description,
+        }
+    )
+    artifact = LoadedModel(before, model.model_bytes).artifact()
+    assert b"missing_reason" not in artifact.schema_bytes
+    assert artifact.version == VERSION_BEFORE_REQUIRED
+    assert LoadedModel.from_artifact(artifact).version == VERSION_BEFORE_REQUIRED

@@ -2,6 +2,8 @@
 
 import asyncio
 import hashlib
+import random
+import stat
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
@@ -11,6 +13,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
+from service.adapters.sqlite_access import SqliteAccessStore
 from service.adapters.sqlite_store import DB_FILE, SqliteStore
 from service.app import create_app
 from service.cli import build_app
@@ -282,10 +285,76 @@ async def test_export_over_http(tmp_path: Path) -> None:
             ({"end": (now + timedelta(days=400)).isoformat()}, "end"),
             ({"model_version": "sha256:unknown"}, "model_version"),
             ({"format": "xlsx"}, "format"),
+            ({"decision": "bogus"}, "decision"),
         ]:
             bad = await client.get("/v1/audit/export", params={**window, **change}, headers=key)
             assert bad.status_code == 422, bad.text
             assert problem_fields(bad) == {field}
+
+
+async def test_http_export_names_allowed_decisions_and_takes_a_version_prefix(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(mode="embedded", data_dir=tmp_path / "data", models_dir=MODELS)
+    async with asgi_client(create_app(settings)) as client:
+        key = bearer(dev_key(settings.data_dir))
+        now = datetime.now(UTC)
+        answer = await client.post(
+            "/v1/predictions", json={"features": german_rows(1)[0]}, headers=key
+        )
+        assert answer.status_code == 200, answer.text
+        version = answer.json()["model"]["version"]
+        found = await client.get(
+            f"/v1/explanations/{answer.json()['transaction_id']}?wait=10", headers=key
+        )
+        assert found.status_code == 200, found.text
+        window = {
+            "start": (now - timedelta(hours=1)).isoformat(),
+            "end": (now + timedelta(hours=1)).isoformat(),
+        }
+
+        bogus = await client.get(
+            "/v1/audit/export", params={**window, "decision": "bogus"}, headers=key
+        )
+        assert bogus.status_code == 422, bogus.text
+        assert bogus.json()["errors"] == [
+            {"field": "decision", "reason": "'bogus' is not an outcome; allowed: approve, deny"}
+        ]
+
+        # The 12 characters the logs print name the version while no other starts with them.
+        prefix = version[:12]
+        exported = await client.get(
+            "/v1/audit/export", params={**window, "model_version": prefix}, headers=key
+        )
+        assert exported.status_code == 200, exported.text
+        manifest = orjson.loads(exported.content.splitlines()[-1])["manifest"]
+        assert manifest["rows"] == 1
+        assert manifest["query"]["model_versions"] == [version]
+        log = (await client.get("/v1/audit/access-log", headers=key)).json()["entries"]
+        assert f"model_version={version}" in log[-1]["target"]
+
+        # Another stored version sharing those characters makes the prefix ambiguous.
+        other = await SqliteStore.open(settings.data_dir / DB_FILE, RETENTION)
+        try:
+            await other.put_model(artifact(prefix + "0" * 52, german_schema()))
+        finally:
+            await other.close()
+        for given, reason in [
+            (prefix, f"{prefix!r} is ambiguous: 2 stored versions start with it"),
+            (version[:4], "is too short"),
+            ("f" * 12, "no stored model version starts with"),
+        ]:
+            bad = await client.get(
+                "/v1/audit/export", params={**window, "model_version": given}, headers=key
+            )
+            assert bad.status_code == 422, bad.text
+            (error,) = bad.json()["errors"]
+            assert error["field"] == "model_version"
+            assert reason in error["reason"], error
+        full = await client.get(
+            "/v1/audit/export", params={**window, "model_version": version}, headers=key
+        )
+        assert full.status_code == 200, full.text
 
 
 async def fill(data_dir: Path) -> None:
@@ -316,3 +385,210 @@ def test_the_cli_exports_and_verifies(tmp_path: Path, monkeypatch: pytest.Monkey
     assert failed.exit_code == 1
     assert failed.output.startswith("line 6 (txn-")
     assert "altered: its content does not match its record hash" in failed.output
+
+
+def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An embedded data directory holding `decisions()`, named by the environment."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    asyncio.run(fill(data_dir))
+    monkeypatch.setenv("SHAPSTREAM_MODE", "embedded")
+    monkeypatch.setenv("SHAPSTREAM_DATA_DIR", str(data_dir))
+    return data_dir
+
+
+def access_entries(data_dir: Path) -> list[str]:
+    """The targets of the access log's entries."""
+
+    async def read() -> list[str]:
+        store = await SqliteStore.open(data_dir / DB_FILE, RETENTION)
+        try:
+            access = SqliteAccessStore(store)
+            await access.migrate()
+            entries = await access.entries(START - timedelta(days=3650), datetime.now(UTC), 100)
+            return [e.target for e in entries]
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def test_the_cli_refuses_an_out_it_cannot_or_must_not_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = cli_env(tmp_path, monkeypatch)
+    cli, runner = build_app(), CliRunner()
+    window = ["--start", START.isoformat(), "--end", END.isoformat()]
+
+    missing = tmp_path / "no" / "such" / "folder" / "audit.jsonl"
+    refused = runner.invoke(cli, ["audit", "export", *window, "--out", str(missing)])
+    assert refused.exit_code == 2, refused.output
+    assert refused.exception is None or isinstance(refused.exception, SystemExit)
+    assert "Traceback" not in refused.output
+    assert f"the folder {missing.parent} does not exist" in refused.output
+    assert "mkdir -p" in refused.output
+    assert not missing.parent.exists()
+    # Refused before anything was read: no export in the access log.
+    assert access_entries(data_dir) == []
+
+    existing = tmp_path / "audit.jsonl"
+    existing.write_bytes(b"an earlier export\n")
+    refused = runner.invoke(cli, ["audit", "export", *window, "--out", str(existing)])
+    assert refused.exit_code == 2, refused.output
+    assert "exists" in refused.output
+    assert "--force" in refused.output
+    assert existing.read_bytes() == b"an earlier export\n"
+    assert access_entries(data_dir) == []
+
+    forced = runner.invoke(cli, ["audit", "export", *window, "--out", str(existing), "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert verify(existing).rows == BINARY_ROWS + MULTICLASS_ROWS
+    # Applicants' data: readable by its owner only.
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o600
+    assert not existing.with_name("audit.jsonl.partial").exists()
+
+
+def test_the_cli_takes_a_date_as_midnight_utc_and_refuses_a_time_without_zone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli_env(tmp_path, monkeypatch)
+    cli, runner, path = build_app(), CliRunner(), tmp_path / "audit.jsonl"
+    dates = ["--start", START.date().isoformat(), "--end", END.date().isoformat()]
+    done = runner.invoke(cli, ["audit", "export", *dates, "--out", str(path)])
+    assert done.exit_code == 0, done.output
+    report = verify(path)
+    assert report.ok
+    assert report.rows == BINARY_ROWS + MULTICLASS_ROWS
+    assert report.manifest is not None
+    assert report.manifest["query"]["start"] == "2026-03-02T00:00:00.000Z"
+    assert report.manifest["query"]["end"] == "2026-03-04T00:00:00.000Z"
+
+    naive = ["--start", "2026-03-02T08:30", "--end", END.isoformat()]
+    refused = runner.invoke(cli, ["audit", "export", *naive, "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2, refused.output
+    assert "'2026-03-02T08:30' has no time zone" in refused.output
+    assert "2026-03-02T08:30:00Z" in refused.output
+
+
+def test_the_cli_takes_a_unique_version_prefix_and_checks_the_decision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = cli_env(tmp_path, monkeypatch)
+    cli, runner, path = build_app(), CliRunner(), tmp_path / "audit.csv"
+    window = ["--start", START.isoformat(), "--end", END.isoformat(), "--out", str(path)]
+
+    prefix = BINARY[:12]
+    done = runner.invoke(
+        cli, ["audit", "export", *window, "--model-version", prefix, "--decision", "deny"]
+    )
+    assert done.exit_code == 0, done.output
+    report = verify(path)
+    assert report.ok
+    assert report.rows == BINARY_ROWS // 2
+    assert report.manifest is not None
+    assert report.manifest["query"]["model_versions"] == [BINARY]
+    assert access_entries(data_dir) == [
+        f"{START:%Y-%m-%dT%H:%M:%S.000Z}/{END:%Y-%m-%dT%H:%M:%S.000Z} model_version={BINARY} "
+        "decision=deny format=jsonl"
+    ]
+
+    for arguments, wanted in [
+        (["--model-version", "sha256:"], "too short"),
+        (["--model-version", "sha256:d"], "no stored model version starts with 'sha256:d'"),
+        (["--decision", "bogus"], "allowed: approve, deny, high, low, medium"),
+        (["--model-version", prefix, "--decision", "high"], "allowed: approve, deny"),
+    ]:
+        path.unlink(missing_ok=True)
+        refused = runner.invoke(cli, ["audit", "export", *window, *arguments])
+        assert refused.exit_code == 2, refused.output
+        assert wanted in refused.output, refused.output
+        assert not path.exists()
+
+    asyncio.run(put_models(data_dir, [artifact(prefix + "0" * 52, german_schema())]))
+    ambiguous = runner.invoke(cli, ["audit", "export", *window, "--model-version", prefix])
+    assert ambiguous.exit_code == 2, ambiguous.output
+    assert "is ambiguous: 2 stored versions start with it" in ambiguous.output
+
+
+async def put_models(data_dir: Path, artifacts: list[ModelArtifact]) -> None:
+    store = await SqliteStore.open(data_dir / DB_FILE, RETENTION)
+    try:
+        for each in artifacts:
+            await store.put_model(each)
+    finally:
+        await store.close()
+
+
+def swap(lines: list[bytes], first: int, second: int) -> list[bytes]:
+    """`lines` with two 0-based lines exchanged."""
+    swapped = list(lines)
+    swapped[first], swapped[second] = swapped[second], swapped[first]
+    return swapped
+
+
+async def test_swapped_and_moved_rows_are_named_as_moved(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    path = await export_file(store, tmp_path / "audit.jsonl")
+    lines = path.read_bytes().splitlines(keepends=True)
+
+    # Two neighbours swapped: the first of them is out of place, nothing is missing or extra.
+    path.write_bytes(b"".join(swap(lines, 10, 11)))
+    report = verify(path)
+    assert named(report) == {(11, txn(lines[11]), ProblemKind.MOVED)}
+    (moved,) = [p for p in report.problems if p.line is not None]
+    assert (
+        str(moved)
+        == f"line 11 ({txn(lines[11])}): moved: swapped with line 12: it belongs after it"
+    )
+
+    # Two rows apart: each is in the other's place.
+    path.write_bytes(b"".join(swap(lines, 10, 14)))
+    report = verify(path)
+    assert named(report) == {
+        (11, txn(lines[14]), ProblemKind.MOVED),
+        (15, txn(lines[10]), ProblemKind.MOVED),
+    }
+    details = {p.line: p.detail for p in report.problems if p.line is not None}
+    assert details == {
+        11: "it belongs between line 14 and line 16, where line 15 is",
+        15: "it belongs between line 10 and line 12, where line 11 is",
+    }
+
+    # One row taken further down, and the last two rows swapped.
+    moved_down = list(lines[:-1])
+    moved_down.insert(20, moved_down.pop(4))
+    path.write_bytes(b"".join([*moved_down, lines[-1]]))
+    assert {(p.line, p.detail) for p in verify(path).problems if p.line is not None} == {
+        (21, "it belongs between line 4 and line 5")
+    }
+    path.write_bytes(b"".join(swap(lines, -3, -2)))
+    report = verify(path)
+    assert [(p.line, p.kind) for p in report.problems if p.line is not None] == [
+        (len(lines) - 2, ProblemKind.MOVED)
+    ]
+
+
+async def test_any_single_moved_row_is_named_with_where_it_belongs(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    path = await export_file(store, tmp_path / "audit.jsonl")
+    lines = path.read_bytes().splitlines(keepends=True)
+    rows, manifest = lines[:-1], lines[-1]
+    pairs = random.Random(9).sample(
+        [(a, b) for a in range(len(rows)) for b in range(len(rows)) if a != b], 60
+    )
+    for source, destination in pairs:
+        moved = list(rows)
+        moved.insert(destination, moved.pop(source))
+        path.write_bytes(b"".join([*moved, manifest]))
+        named_rows = [p for p in verify(path).problems if p.line is not None]
+        # One problem, naming the moved row; nothing said of the rows it passed. A row moved
+        # by one is a swap of two neighbours: the first of them is named.
+        line = min(source, destination) + 1 if abs(source - destination) == 1 else destination + 1
+        assert [(p.line, p.kind) for p in named_rows] == [(line, ProblemKind.MOVED)], (
+            source,
+            destination,
+            [str(p) for p in named_rows],
+        )
+        assert named_rows[0].transaction_id == txn(moved[line - 1])

@@ -83,7 +83,7 @@ def test_a_producer_clock_ahead_of_ours_is_not_a_negative_age() -> None:
 def _lag(metrics: Metrics) -> tuple[float | None, float | None]:
     registry = metrics.registry
     return (
-        registry.get_sample_value("shapstream_worker_lag"),
+        registry.get_sample_value("shapstream_worker_lag_events"),
         registry.get_sample_value("shapstream_worker_lag_seconds"),
     )
 

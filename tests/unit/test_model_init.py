@@ -1,5 +1,8 @@
 """Bring your own model: any XGBoost file becomes a servable, explainable directory."""
 
+import pickle
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -239,3 +242,48 @@ def test_cli_init_takes_categories_from_a_file(tmp_path: Path) -> None:
     assert given.exit_code == 0, given.output
     schema = LoadedModel.from_directory(tmp_path / "codes").schema
     assert schema.features[0].categories == ("red", "green", "blue")
+
+
+def test_cli_init_names_a_file_that_is_no_model(tmp_path: Path) -> None:
+    """An empty file made xgboost abort `model init` (exit 134); now one line, exit 1."""
+    shapstream = str(Path(sys.executable).with_name("shapstream"))
+    cases = {
+        "empty.json": (b"", "is empty (0 bytes), not an XGBoost model"),
+        "model.pkl": (pickle.dumps([1, 2]), "is a Python pickle"),
+        "garbage.ubj": (b"{L\x00\x00\x00\x05learn", "is truncated UBJSON"),
+    }
+    for name, (content, said) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        done = subprocess.run(
+            [shapstream, "model", "init", str(tmp_path / name), str(tmp_path / "out")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 1, (name, done.returncode, done.stderr)
+        assert done.stderr.startswith(f"error: {tmp_path / name} {said}"), done.stderr
+        assert len(done.stderr.splitlines()) == 1, done.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_cli_init_says_a_second_model_needs_a_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frame, y = categorical_frame()
+    booster = xgb.train(
+        {"nthread": 1, "objective": "binary:logistic"},
+        xgb.DMatrix(frame, y, enable_categorical=True),
+        2,
+    )
+    booster.save_model(tmp_path / "m.json")
+    monkeypatch.delenv("SHAPSTREAM_DEFAULT_MODEL", raising=False)
+    runner = CliRunner()
+    models = tmp_path / "models"
+    first = runner.invoke(model_app, ["init", str(tmp_path / "m.json"), str(models / "a")])
+    assert first.exit_code == 0, first.output
+    assert "SHAPSTREAM_DEFAULT_MODEL" not in first.output
+    second = runner.invoke(model_app, ["init", str(tmp_path / "m.json"), str(models / "b")])
+    assert second.exit_code == 0, second.output
+    assert f"note: {models} now holds 2 models" in second.output
+    assert "SHAPSTREAM_DEFAULT_MODEL" in second.output

@@ -1,6 +1,7 @@
 """Adverse-action reasons and the protected share, on the demo model and real applicants."""
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -40,9 +41,8 @@ def model() -> LoadedModel:
     return LoadedModel.from_directory(MODELS / "german-credit")
 
 
-@pytest.fixture(scope="module")
-def records(model: LoadedModel) -> list[DecisionRecord]:
-    """Real applicants decided and explained as the gateway and a worker would."""
+def decided_and_explained(model: LoadedModel, rows: list[dict[str, Any]]) -> list[DecisionRecord]:
+    """Applicants decided and explained as the gateway and a worker would."""
     events = [
         DecisionEvent(
             transaction_id=f"txn-{i}",
@@ -51,11 +51,17 @@ def records(model: LoadedModel) -> list[DecisionRecord]:
             prediction=model.predict(row),
             decided_at=DECIDED,
         )
-        for i, row in enumerate(german_rows(APPLICANTS))
+        for i, row in enumerate(rows)
     ]
     result = explain_batch(model, PredContribs(model.booster), events, DECIDED)
     assert result.failures == []
     return result.records
+
+
+@pytest.fixture(scope="module")
+def records(model: LoadedModel) -> list[DecisionRecord]:
+    """Real applicants, every feature given."""
+    return decided_and_explained(model, german_rows(APPLICANTS))
 
 
 def decision_of(record: DecisionRecord) -> str:
@@ -220,3 +226,117 @@ def test_the_demo_schema_refuses_a_protected_reason(model: LoadedModel) -> None:
             feature["family"] = "history"
     with pytest.raises(ValidationError, match="protected feature 'age_in_years'"):
         ModelSchema.model_validate(document)
+
+
+# --- missing values: a reason must be true of the applicant ----------------------------------
+
+WITH_MISSING = (
+    ReasonFamily(name="term", reason="Duration of credit is long"),
+    ReasonFamily(
+        name="size", reason="Credit amount is high", missing_reason="Credit amount not provided"
+    ),
+)
+DENY = BinaryPrediction(probability=0.9, margin=2.2, decision="deny")
+
+
+def test_a_missing_value_is_given_as_not_provided() -> None:
+    """With the amount null, what it pushed is "not provided", never "Credit amount is high"."""
+    schema = small_schema(WITH_MISSING, duration="term", amount="size")
+    row = [[0.25, 0.5, 0.0, 0.0]]
+    features = {"duration": 12, "amount": None, "rate": 2, "age": 30}
+    reasons = decision_reasons(schema, DENY, row, features)
+    assert [(r.family, r.reason, r.contribution, r.features) for r in reasons] == [
+        ("size", "Credit amount not provided", 0.5, ["amount"]),
+        ("term", "Duration of credit is long", 0.25, ["duration"]),
+    ]
+    assert all(r.reason != "Credit amount is high" for r in reasons)
+    # The same row with the amount given reads as before.
+    given = decision_reasons(schema, DENY, row, {**features, "amount": 5000})
+    assert [r.reason for r in given] == ["Credit amount is high", "Duration of credit is long"]
+
+
+def test_a_family_with_given_and_missing_features_gives_each_on_its_own() -> None:
+    schema = small_schema(WITH_MISSING, duration="term", amount="size", rate="size")
+    missing = {"amount"}
+    # Given rate pushes, missing amount pushes: two reasons, each with its own features.
+    reasons = principal_reasons(schema, [0.0, 0.5, 0.25, 0.0], missing=missing)
+    assert [(r.family, r.reason, r.contribution, r.features) for r in reasons] == [
+        ("size", "Credit amount not provided", 0.5, ["amount"]),
+        ("size", "Credit amount is high", 0.25, ["rate"]),
+    ]
+    # The missing part pulls toward approval: only what the given value pushed is a reason.
+    reasons = principal_reasons(schema, [0.0, -0.5, 0.25, 0.0], missing=missing)
+    assert [(r.reason, r.contribution, r.features) for r in reasons] == [
+        ("Credit amount is high", 0.25, ["rate"])
+    ]
+    # And the other way round: the missing amount alone pushed.
+    reasons = principal_reasons(schema, [0.0, 0.5, -0.25, 0.0], missing=missing)
+    assert [(r.reason, r.features) for r in reasons] == [("Credit amount not provided", ["amount"])]
+
+
+def test_without_a_missing_reason_the_features_are_named() -> None:
+    schema = small_schema(FAMILIES, duration="term", amount="size", rate="size")
+    described = schema.model_copy(
+        update={
+            "features": tuple(
+                f.model_copy(update={"description": "Credit amount"}) if f.name == "amount" else f
+                for f in schema.features
+            )
+        }
+    )
+    reasons = principal_reasons(described, [0.0, 0.5, 0.25, 0.0], missing={"amount", "rate"})
+    assert [(r.reason, r.features) for r in reasons] == [
+        ("Not provided: Credit amount, rate", ["amount", "rate"])
+    ]
+
+
+def test_an_all_null_application_is_never_given_reasons_of_values() -> None:
+    """A schema that requires nothing decides an empty application: only "not provided"."""
+    schema = small_schema(WITH_MISSING, duration="term", amount="size", rate="size")
+    features = dict.fromkeys(schema.feature_names)
+    reasons = decision_reasons(schema, DENY, [[0.25, 0.5, 0.125, 1.0]], features)
+    assert [r.reason for r in reasons] == ["Credit amount not provided", "Not provided: duration"]
+
+
+def test_a_missing_reason_no_null_can_call_for_is_refused() -> None:
+    families = (
+        ReasonFamily(name="term", reason="Duration of credit is long", missing_reason="Unknown"),
+        FAMILIES[1],
+    )
+    schema = small_schema(families, duration="term", amount="size")
+    document = schema.model_dump(mode="json")
+    for feature in document["features"]:
+        if feature["name"] == "duration":
+            feature["nullable"] = False
+    with pytest.raises(ValidationError, match="missing_reason but no nullable feature"):
+        ModelSchema.model_validate(document)
+
+
+def test_demo_denials_with_missing_values_say_so(model: LoadedModel) -> None:
+    """Real applicants with optional features left null, decided and explained as a worker
+    would: a reason is "not provided" exactly when its features were null."""
+    schema = model.schema
+    optional = [f.name for f in schema.features if f.nullable and f.family is not None]
+    families = {family.name: family for family in schema.families}
+    rows = german_rows(APPLICANTS)
+    for i, row in enumerate(rows):
+        for name in optional[i % 3 :: 3]:
+            row[name] = None
+    not_provided = 0
+    for record in decided_and_explained(model, rows):
+        for reason in record.reasons:
+            nulls = [record.features[name] is None for name in reason.features]
+            family = families[reason.family]
+            if all(nulls):
+                assert reason.reason == family.missing_reason
+                not_provided += 1
+            else:
+                assert not any(nulls), reason
+                assert reason.reason == family.reason
+    assert not_provided >= 10
+
+
+def test_the_demo_gives_a_missing_reason_wherever_a_null_can_be(model: LoadedModel) -> None:
+    nullable = {f.family for f in model.schema.features if f.nullable and f.family is not None}
+    for family in model.schema.families:
+        assert (family.missing_reason is not None) == (family.name in nullable), family.name

@@ -22,9 +22,11 @@ from service.core.registry import (
     InvalidModel,
     LoadedModel,
     ModelRegistry,
+    NoDefaultModel,
     UnknownModel,
 )
 from service.core.schema import SCHEMA_FILE, DecisionRule, Feature, FeatureType, ModelSchema, Task
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_DIR = ROOT / "models" / "german-credit"
@@ -178,15 +180,39 @@ def test_below_minimum_and_float32_overflow(model: LoadedModel, frame: pd.DataFr
 
 def test_null_is_missing_only_where_nullable(model: LoadedModel, frame: pd.DataFrame) -> None:
     row: dict[str, Any] = rows_of(frame.head(1))[0]
-    row["purpose"] = None
-    row["credit_amount"] = None
+    row["status_of_existing_checking_account"] = None
+    row["savings_account_and_bonds"] = None
     x = model.encode(row)
-    assert math.isnan(x[3])
-    assert math.isnan(x[4])
-    strict = strict_copy(model, {"purpose", "credit_amount"})
+    assert math.isnan(x[0])
+    assert math.isnan(x[5])
+    strict = strict_copy(
+        model, {"status_of_existing_checking_account", "savings_account_and_bonds"}
+    )
     with pytest.raises(InvalidFeatures) as exc:
         strict.encode(row)
-    assert field_errors(exc) == {"purpose": "must not be null", "credit_amount": "must not be null"}
+    assert field_errors(exc) == {
+        "status_of_existing_checking_account": "must not be null",
+        "savings_account_and_bonds": "must not be null",
+    }
+
+
+def test_an_application_without_a_required_feature_is_refused(
+    model: LoadedModel, frame: pd.DataFrame
+) -> None:
+    """Not a decision: the demo model's required features name themselves when null."""
+    required = {f.name for f in model.schema.features if not f.nullable}
+    assert "credit_amount" in required
+    row: dict[str, Any] = rows_of(frame.head(1))[0]
+    with pytest.raises(InvalidFeatures) as exc:
+        model.encode({**row, "credit_amount": None})
+    assert field_errors(exc) == {"credit_amount": "must not be null"}
+    # Every feature null: refused, naming exactly the required ones.
+    with pytest.raises(InvalidFeatures) as exc:
+        model.encode(dict.fromkeys(row))
+    assert set(field_errors(exc)) == required
+    batch = model.encode_batch([row, {**row, "purpose": None}])
+    assert batch.rows == [0]
+    assert batch.errors[1] == [FieldError("purpose", "must not be null", 1)]
 
 
 def strict_copy(model: LoadedModel, not_null: set[str]) -> LoadedModel:
@@ -243,7 +269,8 @@ def test_missing_values_score_like_the_dataframe(
     model: LoadedModel, frame: pd.DataFrame, data: st.DataObject
 ) -> None:
     index = data.draw(st.integers(0, len(frame) - 1))
-    nulls = data.draw(st.sets(st.sampled_from(model.schema.feature_names)))
+    optional = [f.name for f in model.schema.features if f.nullable]
+    nulls = data.draw(st.sets(st.sampled_from(optional)))
     row = rows_of(frame.iloc[[index]])[0]
     with_nan = frame.iloc[[index]].copy()
     for name in nulls:
@@ -364,6 +391,64 @@ def test_scan_serves_each_models_active_version(model: LoadedModel, tmp_path: Pa
 def test_two_models_with_one_name_are_refused(model: LoadedModel) -> None:
     with pytest.raises(InvalidModel):
         ModelRegistry([model, older_version(model)])
+
+
+def renamed(model: LoadedModel, name: str) -> LoadedModel:
+    return LoadedModel(model.schema.model_copy(update={"name": name}), model.model_bytes)
+
+
+def add_model_dir(models: Path, name: str) -> Path:
+    """A copy of the demo named `name`, as a directory of `models`."""
+    copy = copy_demo(models / name)
+    schema = orjson.loads((copy / SCHEMA_FILE).read_bytes())
+    schema["name"] = name
+    (copy / SCHEMA_FILE).write_bytes(orjson.dumps(schema))
+    return copy
+
+
+def test_adding_a_model_never_moves_the_default(model: LoadedModel, tmp_path: Path) -> None:
+    """The default was the first directory by name: adding `breast-cancer` took every request
+    that names no model. Now one model is the default; with more, the default is named."""
+    copy_demo(tmp_path / "german-credit")
+    assert ModelRegistry.scan(tmp_path).default_name == "german-credit"
+    add_model_dir(tmp_path, "breast-cancer")
+    with pytest.raises(NoDefaultModel) as refused:
+        ModelRegistry.scan(tmp_path)
+    said = str(refused.value)
+    assert "SHAPSTREAM_DEFAULT_MODEL" in said
+    assert "breast-cancer, german-credit" in said
+    named = ModelRegistry.scan(tmp_path, default_model="german-credit")
+    assert named.default_name == "german-credit"
+    assert named.active().name == "german-credit"
+    with pytest.raises(UnknownModel, match="SHAPSTREAM_DEFAULT_MODEL='credit'"):
+        ModelRegistry.scan(tmp_path, default_model="credit")
+    assert (
+        ModelRegistry([renamed(model, "b"), renamed(model, "a")], default_model="b")
+        .active(None)
+        .name
+        == "b"
+    )
+    assert ModelRegistry([]).default_name is None
+
+
+def test_one_broken_directory_stops_the_whole_registry(tmp_path: Path) -> None:
+    """Serving the others would answer the broken model's callers "unknown model"."""
+    copy_demo(tmp_path / "german-credit")
+    broken = add_model_dir(tmp_path, "other")
+    (broken / "model.json").write_bytes(b"")
+    settings = Settings(models_dir=tmp_path, default_model="german-credit")
+    with pytest.raises(InvalidModel) as refused:
+        ModelRegistry.from_settings(settings)
+    assert str(refused.value) == (
+        f"{broken / 'model.json'} is empty (0 bytes), not an XGBoost model"
+    )
+    # A schema that does not parse is named on one line too.
+    (broken / SCHEMA_FILE).write_text('{"name": "other"}')
+    with pytest.raises(InvalidModel) as refused:
+        ModelRegistry.from_settings(settings)
+    said = str(refused.value)
+    assert said.startswith(f"{broken / SCHEMA_FILE}: not a valid schema: task: Field required")
+    assert "\n" not in said
 
 
 class Store:

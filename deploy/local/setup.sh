@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# `make setup-run` / `make setup`: a working Python 3.11 venv in $VENV with shapstream installed
+# (editable), for running only (`run`) or with the test and lint tools too (`dev`).
+#
+# Fast when nothing changed (it is run by every `make run`): it only checks that the venv still
+# works and that its install is newer than pyproject.toml, setup.py and the C kernel. A venv
+# that another interpreter made, or that no longer works (its Python moved, a half-made venv),
+# is rebuilt, with a line saying so: it would otherwise fail on every run until `make clean`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+want=${1:?usage: setup.sh run|dev}
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-$(command -v python3.11 || echo python3)}
+NEEDED=3.11
+PY=$VENV/bin/python
+# What the install is made from: a change to any of them reinstalls.
+SOURCES=(pyproject.toml setup.py service/core/engine/_native/treeshap.c)
+
+case $want in
+  run) extras="" ;;
+  dev) extras="[dev]" ;;
+  *) echo "setup.sh: run or dev, not $want" >&2; exit 2 ;;
+esac
+
+# On stderr, all of it: `eval "$(make -s services-env)"` reads stdout.
+say() {
+  echo "==> $*" >&2
+}
+
+fail() {
+  echo "shapstream setup: $*" >&2
+  exit 1
+}
+
+# Prints why $VENV cannot be used as it is, or nothing when it can (or does not exist).
+venv_problem() {
+  [ -e "$VENV" ] || return 0
+  local runs made
+  if ! runs=$("$PY" -c 'import sys, pip; print("%d.%d" % sys.version_info[:2])' 2>/dev/null); then
+    echo "does not work (its Python does not start, or it has no pip)"
+    return 0
+  fi
+  # pyvenv.cfg records the interpreter that made the venv (`version`, or `version_info`).
+  made=$(sed -n 's/^version\(_info\)\{0,1\} *= *\([0-9]*\.[0-9]*\).*/\2/p' "$VENV/pyvenv.cfg" \
+    2>/dev/null | head -1)
+  if [ "$runs" != "$NEEDED" ] || [ "$made" != "$NEEDED" ]; then
+    echo "was made by Python ${made:-$runs}, not $NEEDED"
+  fi
+}
+
+# True when the install stamp $1 is newer than every source of the install.
+fresh() {
+  local source
+  [ -f "$1" ] || return 1
+  for source in "${SOURCES[@]}"; do
+    [ "$1" -nt "$source" ] || return 1
+  done
+}
+
+problem=$(venv_problem)
+if [ -n "$problem" ]; then
+  say "$VENV $problem: rebuilding it"
+  rm -rf "$VENV"
+fi
+
+# A dev install holds everything a run needs.
+if fresh "$VENV/.installed-$want" || { [ "$want" = run ] && fresh "$VENV/.installed-dev"; }; then
+  exit 0
+fi
+
+if [ ! -e "$VENV" ]; then
+  version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || true
+  if [ "$version" != "$NEEDED" ]; then
+    found=${version:+is Python $version}
+    fail "Python $NEEDED is needed, and $PYTHON ${found:-does not run}. Install it, or" \
+      "name it: make run PYTHON=/path/to/python$NEEDED (or make test ...)"
+  fi
+  say "creating $VENV with $PYTHON (Python $version)"
+  if ! log=$("$PYTHON" -m venv "$VENV" 2>&1); then
+    # A half-made venv would fail every later run: leave none.
+    rm -rf "$VENV"
+    fail "$PYTHON -m venv failed: $(tail -1 <<<"$log") (on Debian or Ubuntu:" \
+      "apt install python$NEEDED-venv)"
+  fi
+  "$PY" -m pip install --quiet --upgrade pip >&2
+fi
+
+# setuptools builds the TreeSHAP kernel with the compiler Python was built with (or $CC).
+compiler=$("$PY" -c 'import os, sysconfig
+print((os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0])')
+command -v "$compiler" >/dev/null ||
+  fail "the TreeSHAP kernel is C, and no compiler was found ($compiler). Install one (e.g." \
+    "apt install gcc, or xcode-select --install), or set CC"
+
+if [ "$want" = run ]; then
+  say "installing what running needs into $VENV (make test adds the test and lint tools)"
+else
+  say "installing shapstream with its test and lint tools into $VENV"
+fi
+# The build backend is verbose: its log is shown only if the install fails. Bytecode is
+# compiled on first import rather than for every file of every package now.
+if ! "$PY" -m pip install --progress-bar off --no-compile -e ".$extras" >"$VENV/install.log" 2>&1
+then
+  tail -40 "$VENV/install.log" >&2
+  fail "install failed: full log in $VENV/install.log"
+fi
+rm -f "$VENV/.installed" # the stamp the Makefile used before this script
+touch "$VENV/.installed-$want"
+if [ "$want" = dev ]; then touch "$VENV/.installed-run"; fi

@@ -1,0 +1,178 @@
+"""`make setup` / `make run` (deploy/local/setup.sh) with the wrong Python, and with a .venv that
+another Python made or that no longer works: one line each, and nothing left to fail the rerun.
+
+Interpreters are stand-ins (scripts answering the version probe), so no venv is built here.
+"""
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# What the install is made from; setup.sh compares its stamp with them.
+SOURCES = ("pyproject.toml", "setup.py", "service/core/engine/_native/treeshap.c")
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A copy of setup.sh at its place in a checkout that holds the install's sources."""
+    (tmp_path / "deploy/local").mkdir(parents=True)
+    shutil.copy(ROOT / "deploy/local/setup.sh", tmp_path / "deploy/local/setup.sh")
+    for source in SOURCES:
+        (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / source).write_text("")
+    return tmp_path
+
+
+def _script(path: Path, body: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def _python(path: Path, version: str, compiler: str = "true") -> Path:
+    """An interpreter that answers the version probe with `version` and the compiler probe with
+    `compiler`; its `-m venv` fails half-way (as without Debian's python3.11-venv), pip fails."""
+    return _script(
+        path,
+        'case "$1 $2" in\n'
+        f'  "-c "*sysconfig*) echo {compiler} ;;\n'
+        f'  "-c "*) echo {version} ;;\n'
+        '  "-m venv") mkdir -p "$3/bin"; echo "Error: ensurepip is not available" >&2; exit 1 ;;\n'
+        '  *) echo "stand-in python: $*" >&2; exit 2 ;;\n'
+        "esac",
+    )
+
+
+def _venv(checkout: Path, made_by: str, runs: str | None = "3.11") -> Path:
+    """A .venv whose pyvenv.cfg says `made_by` and whose python answers `runs` (or is gone)."""
+    venv = checkout / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text(f"home = /usr/bin\nversion = {made_by}\n")
+    if runs is not None:
+        _python(venv / "bin/python", runs)
+    else:
+        (venv / "bin/python").symlink_to(checkout / "no-such-python")
+    for stamp in (".installed-run", ".installed-dev"):
+        (venv / stamp).touch()
+    return venv
+
+
+def _setup(checkout: Path, python: Path, want: str = "run") -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ["PATH"], "PYTHON": str(python), "VENV": ".venv"}
+    return subprocess.run(
+        ["bash", "deploy/local/setup.sh", want],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_working_venv_is_left_alone(checkout: Path) -> None:
+    venv = _venv(checkout, "3.11.7")
+    done = _setup(checkout, _python(checkout / "py312", "3.12"))
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    assert (venv / "pyvenv.cfg").exists()
+
+
+def test_the_wrong_python_is_named_before_anything_is_made(checkout: Path) -> None:
+    done = _setup(checkout, _python(checkout / "python3", "3.12"))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"shapstream setup: Python 3.11 is needed, and {checkout / 'python3'} is Python 3.12. "
+        "Install it, or name it: make run PYTHON=/path/to/python3.11 (or make test ...)"
+    ]
+    assert not (checkout / ".venv").exists()
+
+
+def test_no_python_at_all_is_named(checkout: Path) -> None:
+    done = _setup(checkout, checkout / "python3.11")
+    assert done.returncode == 1
+    assert "does not run" in done.stderr
+    assert not (checkout / ".venv").exists()
+
+
+@pytest.mark.parametrize(
+    ("made_by", "runs", "why"),
+    [
+        ("3.12.1", "3.12", "was made by Python 3.12, not 3.11"),
+        # Another interpreter's venv whose python still starts as 3.11 (pyvenv.cfg edited).
+        ("3.12.1", "3.11", "was made by Python 3.12, not 3.11"),
+        ("3.11.7", None, "does not work (its Python does not start, or it has no pip)"),
+    ],
+    ids=["python-3.12", "cfg-3.12", "python-gone"],
+)
+def test_a_venv_of_another_python_is_rebuilt_saying_so(
+    checkout: Path, made_by: str, runs: str | None, why: str
+) -> None:
+    _venv(checkout, made_by, runs)
+    # The rerun of a newcomer who installed 3.11 after a first try with 3.12: the old venv goes,
+    # then the new one is made (here the stand-in's `-m venv` fails, leaving nothing behind).
+    done = _setup(checkout, _python(checkout / "python3.11", "3.11"))
+    assert done.stderr.splitlines()[0] == f"==> .venv {why}: rebuilding it"
+    assert "==> creating .venv with" in done.stderr
+    assert done.returncode == 1
+    assert "ensurepip is not available" in done.stderr
+    assert "python3.11-venv" in done.stderr
+    assert not (checkout / ".venv").exists(), "a half-made venv would fail the next run"
+
+
+def test_a_changed_source_reinstalls(checkout: Path) -> None:
+    venv = _venv(checkout, "3.11.7")
+    for stamp in (".installed-run", ".installed-dev"):
+        os.utime(venv / stamp, (1, 1))
+    # The venv is kept and the install redone (which fails here: the stand-in has no pip).
+    done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev")
+    assert done.stdout == ""
+    assert done.stderr.splitlines()[0] == (
+        "==> installing shapstream with its test and lint tools into .venv"
+    )
+    assert done.returncode == 1
+    assert "stand-in python: -m pip install --progress-bar off --no-compile -e .[dev]" in (
+        done.stderr
+    )
+    assert "install failed: full log in .venv/install.log" in done.stderr
+    assert (venv / "pyvenv.cfg").exists()
+    assert not (venv / ".installed-dev").stat().st_mtime > 1
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [([], "--host 127.0.0.1 --port 8000"), (["PORT=8001"], "--host 127.0.0.1 --port 8001")],
+)
+def test_make_run_takes_its_port(variables: list[str], expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in {"PORT", "HOST"}}
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-n", "run", *variables],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.splitlines() == [
+        "bash deploy/local/setup.sh run",
+        f".venv/bin/shapstream run {expected}",
+    ]
+
+
+def test_no_c_compiler_is_named_before_the_install(checkout: Path) -> None:
+    venv = _venv(checkout, "3.11.7")
+    _python(venv / "bin/python", "3.11", compiler="no-such-cc")
+    for stamp in (".installed-run", ".installed-dev"):
+        os.utime(venv / stamp, (1, 1))
+    done = _setup(checkout, _python(checkout / "python3.11", "3.11"))
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "shapstream setup: the TreeSHAP kernel is C, and no compiler was found (no-such-cc). "
+        "Install one (e.g. apt install gcc, or xcode-select --install), or set CC"
+    ]
