@@ -59,6 +59,10 @@ def _moment(text: str, name: str) -> datetime:
         raise _refused(name, f"{text!r} is out of range in UTC") from error
 
 
+def _rows(count: int) -> str:
+    return f"{count:,} row" if count == 1 else f"{count:,} rows"
+
+
 def _check_out(out: Path, force: bool) -> None:
     """Refuse, before anything is read or logged, a file that cannot or must not be written."""
     folder = out.parent
@@ -79,10 +83,13 @@ def export_command(
     start: Annotated[
         str, typer.Option(help="Inclusive; ISO 8601 with a time zone, or a date (midnight UTC).")
     ],
-    end: Annotated[
-        str, typer.Option(help="Exclusive; ISO 8601 with a time zone, or a date (midnight UTC).")
-    ],
     out: Annotated[Path, typer.Option("--out", help="The file to write.", dir_okay=False)],
+    end: Annotated[
+        str | None,
+        typer.Option(
+            help="Exclusive; ISO 8601 with a time zone, or a date (midnight UTC). Default: now."
+        ),
+    ] = None,
     model_version: Annotated[
         str | None,
         typer.Option(
@@ -105,7 +112,8 @@ def export_command(
     Settings (environment): SHAPSTREAM_MODE, SHAPSTREAM_DATA_DIR, SHAPSTREAM_CASSANDRA_HOSTS,
     SHAPSTREAM_CASSANDRA_KEYSPACE; which store they choose: `shapstream audit --help`.
     """
-    since, until = _moment(start, "--start"), _moment(end, "--end")
+    since = _moment(start, "--start")
+    until = datetime.now(UTC) if end is None else _moment(end, "--end")
     if until <= since:
         raise _refused("--end", "must be after --start")
     _check_out(out, force)
@@ -118,9 +126,8 @@ def export_command(
         _export(settings, since, until, model_version, decision, export_format, target)
     )
     elapsed = time.perf_counter() - started
-    typer.echo(
-        f"{rows} rows in {elapsed:.1f} s ({rows / elapsed if elapsed else 0:,.0f} rows/s) -> {out}"
-    )
+    rate = rows / elapsed if elapsed else 0
+    typer.echo(f"{_rows(rows)} in {elapsed:.1f} s ({rate:,.0f} rows/s) -> {out}")
 
 
 @audit_app.command("verify")
@@ -132,7 +139,7 @@ def verify_command(
 
     report = verify(file)
     if report.ok:
-        typer.echo(f"OK: {report.rows} rows, manifest matches")
+        typer.echo(f"OK: {_rows(report.rows)}, manifest matches")
         return
     for problem in report.problems[:SHOWN_PROBLEMS]:
         typer.echo(str(problem))

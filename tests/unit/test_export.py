@@ -376,7 +376,7 @@ def test_the_cli_exports_and_verifies(tmp_path: Path, monkeypatch: pytest.Monkey
     assert f"{BINARY_ROWS + MULTICLASS_ROWS} rows in" in done.output
     checked = runner.invoke(cli, ["audit", "verify", str(path)])
     assert checked.exit_code == 0, checked.output
-    assert checked.output == f"OK: {BINARY_ROWS + MULTICLASS_ROWS} rows, manifest matches\n"
+    assert checked.output == f"OK: {BINARY_ROWS + MULTICLASS_ROWS:,} rows, manifest matches\n"
 
     lines = path.read_bytes().splitlines(keepends=True)
     lines[5] = lines[5].replace(b"pred_contribs", b"pred_contribz")
@@ -462,6 +462,16 @@ def test_the_cli_takes_a_date_as_midnight_utc_and_refuses_a_time_without_zone(
     assert report.manifest is not None
     assert report.manifest["query"]["start"] == "2026-03-02T00:00:00.000Z"
     assert report.manifest["query"]["end"] == "2026-03-04T00:00:00.000Z"
+
+    # Without --end: until now, which is after every stored decision.
+    until_now, asked = tmp_path / "until-now.jsonl", datetime.now(UTC)
+    done = runner.invoke(cli, ["audit", "export", *dates[:2], "--out", str(until_now)])
+    assert done.exit_code == 0, done.output
+    report = verify(until_now)
+    assert report.rows == BINARY_ROWS + MULTICLASS_ROWS
+    assert report.manifest is not None
+    end = datetime.fromisoformat(report.manifest["query"]["end"])
+    assert asked - timedelta(milliseconds=1) <= end <= datetime.now(UTC)
 
     naive = ["--start", "2026-03-02T08:30", "--end", END.isoformat()]
     refused = runner.invoke(cli, ["audit", "export", *naive, "--out", str(tmp_path / "x")])
