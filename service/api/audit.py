@@ -2,14 +2,14 @@
 
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from datetime import UTC, datetime, timedelta
 from typing import Annotated, Final
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from service.api.auth import AUTH_RESPONSES, AuditExporter, record_access
-from service.api.deps import DateTime, State
+from service.api.deps import State
+from service.api.time_range import End, Start, time_range
 from service.core.access import Action
 from service.core.export import (
     MIN_VERSION_PREFIX,
@@ -28,9 +28,6 @@ from service.ports import ExplanationStore
 
 router = APIRouter(tags=["audit"])
 
-# Bounds one request (Cassandra reads day_buckets partitions per day and version); an auditor
-# exports a longer period as several files.
-MAX_RANGE: Final = timedelta(days=366)
 MEDIA_TYPES: Final = {ExportFormat.JSONL: "application/x-ndjson", ExportFormat.CSV: "text/csv"}
 
 Version = Annotated[
@@ -51,27 +48,6 @@ Decision = Annotated[
         "multiclass model in the export.",
     ),
 ]
-
-
-def _utc(moment: datetime, field: str) -> datetime:
-    try:
-        return moment.astimezone(UTC)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
-        raise InvalidRequest(
-            "The time is out of range.", [FieldProblem(field, "out of range in UTC")]
-        ) from None
-
-
-def _check_range(start: datetime, end: datetime) -> None:
-    if end <= start:
-        raise InvalidRequest(
-            "The export range is empty.", [FieldProblem("end", "must be after start")]
-        )
-    if end - start > MAX_RANGE:
-        raise InvalidRequest(
-            f"At most {MAX_RANGE.days} days per export.",
-            [FieldProblem("end", f"must be at most {MAX_RANGE.days} days after start")],
-        )
 
 
 def _file_name(query: ExportQuery) -> str:
@@ -105,15 +81,14 @@ async def _body(
 async def export_audit(
     state: State,
     caller: AuditExporter,
-    start: Annotated[DateTime, Query(description="Inclusive, with a time zone.")],
-    end: Annotated[DateTime, Query(description="Exclusive, with a time zone.")],
+    start: Start = None,
+    end: End = None,
     model_version: Version = None,
     decision: Decision = None,
     export_format: Annotated[ExportFormat, Query(alias="format")] = ExportFormat.JSONL,
 ) -> StreamingResponse:
     """Decision records, explanations and integrity hashes, streamed (needs `audit:export`)."""
-    start, end = _utc(start, "start"), _utc(end, "end")
-    _check_range(start, end)
+    start, end = time_range(start, end)
     schemas = schemas_from(state.store.get_model)
     try:
         versions = await select_versions(state.store, schemas, model_version, decision)

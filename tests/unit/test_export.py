@@ -333,6 +333,27 @@ async def test_http_export_names_allowed_decisions_and_takes_a_version_prefix(
         log = (await client.get("/v1/audit/access-log", headers=key)).json()["entries"]
         assert f"model_version={version}" in log[-1]["target"]
 
+        # Without a range: the last day, as the access log.
+        asked = datetime.now(UTC)
+        last_day = await client.get("/v1/audit/export", headers=key)
+        assert last_day.status_code == 200, last_day.text
+        manifest = orjson.loads(last_day.content.splitlines()[-1])["manifest"]
+        assert manifest["rows"] == 1
+        end = datetime.fromisoformat(manifest["query"]["end"])
+        start = datetime.fromisoformat(manifest["query"]["start"])
+        assert asked - timedelta(milliseconds=1) <= end <= datetime.now(UTC)
+        assert end - start == timedelta(days=1)
+
+        for path in ("/v1/audit/export", "/v1/audit/access-log"):
+            for start, end, reason in [
+                (now, now, "must be after start"),
+                (now - timedelta(days=367), now, "must be at most 366 days after start"),
+            ]:
+                span = {"start": start.isoformat(), "end": end.isoformat()}
+                refused = await client.get(path, params=span, headers=key)
+                assert refused.status_code == 422, refused.text
+                assert refused.json()["errors"] == [{"field": "end", "reason": reason}]
+
         # Another stored version sharing those characters makes the prefix ambiguous.
         other = await SqliteStore.open(settings.data_dir / DB_FILE, RETENTION)
         try:
