@@ -25,10 +25,14 @@ def assert_adverse_action(explanation: dict[str, Any], schema: ModelSchema) -> N
     assert explanation["prediction"]["decision"] == "deny"
     reasons = explanation["reasons"]
     assert 1 <= len(reasons) <= 4
-    texts = {family.name: family.reason for family in schema.families}
+    families = {family.name: family for family in schema.families}
     protected = {feature.name for feature in schema.features if feature.protected}
     for reason in reasons:
-        assert reason["reason"] == texts[reason["family"]]
+        # True of the applicant: a judgement of values they gave, or what they did not give.
+        family = families[reason["family"]]
+        given = [explanation["features"][name] is not None for name in reason["features"]]
+        assert all(given) or not any(given), reason
+        assert reason["reason"] == (family.reason if all(given) else family.missing_reason)
         assert reason["contribution"] > 0
         assert not protected.intersection(reason["features"])
     contributions = [reason["contribution"] for reason in reasons]
