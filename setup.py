@@ -7,13 +7,16 @@ NaN tests stay exact.
 
 from setuptools import Extension, setup
 
+NATIVE = "service/core/engine/_native"
+
 setup(
     ext_modules=[
         Extension(
             "service.core.engine._native._treeshap",
-            sources=["service/core/engine/_native/treeshap.c"],
-            extra_compile_args=["-O3", "-std=c11", "-fno-strict-aliasing"],
+            sources=[f"{NATIVE}/{name}.c" for name in ("module", "forest", "shap", "predict")],
+            depends=[f"{NATIVE}/treeshap.h"],
+            extra_compile_args=["-O3", "-std=c11", "-fno-strict-aliasing", "-Wall", "-Wextra"],
         )
     ],
-    package_data={"service.core.engine._native": ["*.pyi", "*.c"]},
+    package_data={"service.core.engine._native": ["*.pyi", "*.c", "*.h"]},
 )

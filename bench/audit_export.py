@@ -34,8 +34,8 @@ from service.core.export import (
     ExportQuery,
     scan_versions,
     schemas_from,
-    verify,
 )
+from service.core.export_verify import verify
 from service.settings import CassandraSettings
 from tests.integration.test_audit_export import decision
 from tests.store_contract import RETENTION

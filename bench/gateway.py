@@ -41,6 +41,7 @@ import orjson
 
 from bench import mlserver
 from bench.cpu import fmt_us, per_op_us, read_cpu
+from bench.engine import synthetic_rows
 from bench.loadgen import Body, Result, closed_loop, cycling, median, with_transaction_ids
 from bench.procs import (
     ROOT,
@@ -53,7 +54,6 @@ from bench.procs import (
     wait_http,
 )
 from bench.reference_models import build
-from service.benchmarks.engine import synthetic_rows
 from service.core.registry import LoadedModel
 
 OUT = ROOT / "bench" / "out"
@@ -191,7 +191,7 @@ def main() -> None:
             sys.exit(str(exc))
 
     work = OUT / "gateway"
-    model_file = build(names=[MODEL])[MODEL]
+    model_file = build(names=[MODEL], formats=["xgboost"])[f"{MODEL}.xgboost"]
     model_dir = model_directory(model_file, work / "models")
     features = [f.name for f in LoadedModel.from_directory(model_dir).schema.features]
     ours, v2 = request_rows(features)

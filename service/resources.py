@@ -2,9 +2,11 @@
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
+from service.adapters.wiring import GatewayAdapters, open_gateway_adapters
 from service.api.deps import AppState
 from service.core.breaker import CircuitBreaker, Guard
 from service.core.decisions import Decider
@@ -14,7 +16,6 @@ from service.core.keys import DevKey, KeyVerifier, ensure_dev_key
 from service.core.registry import ModelRegistry
 from service.errors import StoreUnavailable
 from service.metrics import Metrics
-from service.ports import AccessStore, EventBus, ExplanationStore
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,16 +26,24 @@ async def open_resources(settings: Settings, metrics: Metrics) -> AsyncIterator[
     """Registry, store and bus (plus the in-process worker in embedded mode), closed on exit."""
     registry = ModelRegistry.from_settings(settings)
     async with AsyncExitStack() as stack:
-        if settings.mode == "kafka":
-            bus, store, access = await _open_kafka_mode(settings, metrics, stack)
-        else:
-            bus, store, access = await _open_embedded_mode(settings, metrics, registry, stack)
+        adapters = await stack.enter_async_context(open_gateway_adapters(settings, metrics))
+        store = adapters.stores.explanations
+        if adapters.in_process_source is not None:
+            # The whole service in one process: its one user gets a key on this console, and
+            # this process explains its own decisions.
+            from workers.explainer import ExplainerWorker
+
+            announce_dev_key(await ensure_dev_key(adapters.stores.access, settings.data_dir))
+            worker = ExplainerWorker(
+                adapters.in_process_source, store, registry, settings.worker, metrics
+            )
+            stack.push_async_callback(_run_in_task(worker.run))
         for model in registry.models():
             # Workers load the exact version an event names from here, on any machine.
             await store.put_model(model.artifact())
             log.info("serving %s version %s", model.name, model.version)
             metrics.model_info.labels(name=model.name, version=model.version).set(1)
-        state = _state(settings, metrics, registry, bus, store, access)
+        state = _state(settings, metrics, registry, adapters)
         # Drained before the store and bus close (the stack unwinds in reverse).
         stack.push_async_callback(state.decider.drain)
         stack.push_async_callback(state.denials.close)
@@ -42,18 +51,12 @@ async def open_resources(settings: Settings, metrics: Metrics) -> AsyncIterator[
 
 
 def _state(
-    settings: Settings,
-    metrics: Metrics,
-    registry: ModelRegistry,
-    bus: EventBus,
-    store: ExplanationStore,
-    access: AccessStore,
+    settings: Settings, metrics: Metrics, registry: ModelRegistry, adapters: GatewayAdapters
 ) -> AppState:
     gateway = settings.gateway
-    # The embedded store is a local file: only a disk that stopped answering is "stalled".
-    timeout_s = settings.cassandra.fast_timeout_s if settings.mode == "kafka" else 5.0
+    bus, store, access = adapters.bus, adapters.stores.explanations, adapters.stores.access
     breaker = CircuitBreaker(gateway.store_failures_to_open, gateway.store_open_s)
-    store_guard = Guard("explanation store", breaker, timeout_s, StoreUnavailable)
+    store_guard = Guard("explanation store", breaker, adapters.store_timeout_s, StoreUnavailable)
     security = settings.security
     keys = KeyVerifier(access, security.key_cache_s, security.key_stale_s, store_guard)
     recent = RecentIds(gateway.recent_ids, gateway.recent_ids_ttl_s)
@@ -66,60 +69,19 @@ def _state(
     )
 
 
-async def _open_kafka_mode(
-    settings: Settings, metrics: Metrics, stack: AsyncExitStack
-) -> tuple[EventBus, ExplanationStore, AccessStore]:
-    from service.adapters.cassandra_access import CassandraAccessStore
-    from service.adapters.cassandra_store import CassandraStore
-    from service.adapters.kafka_bus import KafkaBus, ensure_topics
-    from service.adapters.spool import SpooledKafkaBus
-
-    store = await CassandraStore.from_settings(settings)
-    stack.push_async_callback(store.close)
-    await store.migrate()
-    access = CassandraAccessStore(store)
-    await access.migrate()
-    await ensure_topics(settings.kafka)
-    kafka = await KafkaBus.open(settings.kafka)
-    try:
-        bus = await SpooledKafkaBus.open(
-            kafka, settings.kafka, settings.spool, settings.spool_dir, metrics
-        )
-    except BaseException:
-        await kafka.close()
-        raise
-    stack.push_async_callback(bus.close)
-    return bus, store, access
-
-
-async def _open_embedded_mode(
-    settings: Settings, metrics: Metrics, registry: ModelRegistry, stack: AsyncExitStack
-) -> tuple[EventBus, ExplanationStore, AccessStore]:
-    from service.adapters.local_bus import open_local_bus
-    from service.adapters.sqlite_access import SqliteAccessStore
-    from service.adapters.sqlite_store import SqliteStore
-    from workers.explainer import ExplainerWorker
-
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = await SqliteStore.from_settings(settings)
-    stack.push_async_callback(store.close)
-    await store.migrate()
-    access = SqliteAccessStore(store)
-    await access.migrate()
-    announce_dev_key(await ensure_dev_key(access, settings.data_dir))
-    bus = await open_local_bus(settings, metrics)
-    stack.push_async_callback(bus.close)
-    worker = ExplainerWorker(bus, store, registry, settings.worker, metrics)
+def _run_in_task(
+    run: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+) -> Callable[[], Awaitable[None]]:
+    """Run the embedded worker in a task; the function returned stops it and waits for it."""
     stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop), name="embedded-explainer")
+    task = asyncio.create_task(run(stop), name="embedded-explainer")
     task.add_done_callback(_report_stopped_worker)
 
     async def stop_worker() -> None:
         stop.set()
         await task
 
-    stack.push_async_callback(stop_worker)
-    return bus, store, access
+    return stop_worker
 
 
 def _report_stopped_worker(task: "asyncio.Task[None]") -> None:

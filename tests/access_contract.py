@@ -5,7 +5,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from service.core.access import AccessEntry, Action, Scope, hash_key, new_api_key
-from service.ports import AccessStore
+from service.core.ports import AccessStore
 
 
 def a_quiet_day() -> datetime:

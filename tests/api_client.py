@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import xgboost as xgb
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from service.app import create_app
+from service.core.formats.xgboost import XgboostModel
+from service.core.registry import LoadedModel
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -95,3 +98,10 @@ async def embedded_client(
         if authorized:
             client.headers.update(bearer(dev_key(data_dir)))
         yield client
+
+
+def booster_of(model: LoadedModel) -> xgb.Booster:
+    """The booster of an XGBoost model: xgboost's own object, for its own predictions."""
+    framework = model.framework
+    assert isinstance(framework, XgboostModel), model.format
+    return framework.booster

@@ -16,8 +16,8 @@ import numpy as np
 import orjson
 import pytest
 
-from service.adapters.record_codec import ModelConflictError
 from service.core.integrity import sealed, verify_record
+from service.core.ports import ExplanationStore, ModelConflictError
 from service.core.records import (
     BinaryPrediction,
     Claim,
@@ -30,7 +30,6 @@ from service.core.records import (
     RegressionPrediction,
 )
 from service.core.schema import DecisionRule, Feature, FeatureType, ModelSchema, Task
-from service.ports import ExplanationStore
 
 StoreFactory = Callable[[timedelta], Awaitable[ExplanationStore]]
 
@@ -154,6 +153,8 @@ def _record(
         attributions=attributions(len(base_value), seed),
         additivity_error=3.814697265625e-06,
         engine="pred_contribs",
+        model_format="xgboost",
+        framework_version="3.0.2",
         decided_at=decided,
         explained_at=decided + timedelta(milliseconds=41, microseconds=517),
         reasons=reasons,
@@ -169,6 +170,12 @@ def binary_record(
     prediction = BinaryPrediction(probability=0.7310585786300049, margin=1.0, decision="deny")
     base_value = [-0.8472978603872037]
     return _record(prediction, base_value, seed, transaction_id, decided_at, REASONS, 0.0817)
+
+
+def legacy_record(seed: int = 4, decided_at: datetime | None = None) -> DecisionRecord:
+    """A denial as stored before records kept the model's format and framework version."""
+    record = binary_record(seed, decided_at=decided_at)
+    return sealed(record.model_copy(update={"model_format": None, "framework_version": None}))
 
 
 def regression_record(seed: int = 2) -> DecisionRecord:
@@ -225,6 +232,26 @@ def with_version(record: DecisionRecord, version: str) -> DecisionRecord:
     return sealed(record.model_copy(update={"model": model}))
 
 
+async def check_brought_up_to_date(store: ExplanationStore, old: DecisionRecord) -> None:
+    """`store` holds `old`, written by a build before records kept the model's format: after
+    `migrate` (twice) it reads `old` back as it was and sound, and keeps new records beside it."""
+    await store.migrate()
+    await store.migrate()
+    read = await store.get(old.transaction_id)
+    assert read == stored(old)
+    assert read is not None
+    assert verify_record(read)
+    new = binary_record()
+    await store.write([new])
+    assert await store.get(new.transaction_id) == stored(new)
+    start = old.decided_at - timedelta(hours=1)
+    scanned = [r async for r in store.scan(old.model.version, start, datetime.now(UTC))]
+    assert {r.transaction_id: r for r in scanned} == {
+        record.transaction_id: stored(record) for record in (old, new)
+    }
+    assert all(verify_record(record) for record in scanned)
+
+
 async def wait_until(condition: Callable[[], Awaitable[bool]], what: str) -> float:
     """Poll `condition` until it holds; the seconds it took."""
     started = time.monotonic()
@@ -252,7 +279,9 @@ class StoreContract:
         await store.ping()
 
     @pytest.mark.parametrize(
-        "make", [binary_record, regression_record, multiclass_record], ids=lambda f: f.__name__
+        "make",
+        [binary_record, regression_record, multiclass_record, legacy_record],
+        ids=lambda f: f.__name__,
     )
     async def test_record_round_trip(
         self, store: ExplanationStore, make: Callable[[], DecisionRecord]
@@ -388,6 +417,7 @@ class StoreContract:
         ]
         records = [binary_record(n, decided_at=at) for n, at in enumerate(inside)]
         records.append(multiclass_record().model_copy(update={"decided_at": midnight}))
+        records.append(legacy_record(decided_at=midnight + timedelta(hours=2)))
         expected = [with_version(record, version) for record in records]
         outside = [
             with_version(binary_record(decided_at=start - one_ms), version),

@@ -8,11 +8,10 @@ import numpy as np
 import pandas as pd
 import xgboost as xgb
 
-from service.core.engine.pred_contribs import PredContribs
-from service.core.model_init import write_model_dir
 from service.core.records import DecisionEvent, DecisionRecord, ModelRef
 from service.core.registry import LoadedModel
 from service.core.schema import DecisionRule, Feature, FeatureType, ModelSchema, Task
+from service.tools.model_init import write_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "models" / "german-credit"
@@ -48,7 +47,7 @@ def train_small_model(dest: Path) -> LoadedModel:
         ),
         decision=DecisionRule(),
     )
-    return write_model_dir(booster, schema, dest)
+    return write_model_dir(bytes(booster.save_raw("json")), schema, dest)
 
 
 def demo_or_small_model(tmp_dir: Path) -> LoadedModel:
@@ -90,7 +89,9 @@ def make_events(model: LoadedModel, count: int, prefix: str) -> list[DecisionEve
 
 def assert_exact(model: LoadedModel, event: DecisionEvent, record: DecisionRecord) -> None:
     """The stored explanation equals xgboost's own TreeSHAP (`pred_contribs`) of the event."""
-    expected = PredContribs(model.booster).contributions(model.encode_many([event.features]))[0]
+    expected = model.framework.reference_engine().contributions(
+        model.encode_many([event.features])
+    )[0]
     assert record.transaction_id == event.transaction_id
     assert record.model == event.model
     assert record.features == event.features

@@ -13,15 +13,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
+import numpy as np
+
 from service.core.engine.base import Engine
-from service.core.engine.fast import FastTreeShap, UnsupportedModel
-from service.core.engine.pred_contribs import PredContribs
-from service.core.explain import ExplainResult, Failure, explain_batch, group_by_version
+from service.core.engine.fast import FastTreeShap
+from service.core.explain import (
+    DeadLetterReason,
+    ExplainResult,
+    Failure,
+    explain_batch,
+    group_by_version,
+)
+from service.core.formats.base import InvalidModel, UnsupportedModel
+from service.core.ports import ConsumedBatch, EventSource, ExplanationStore
 from service.core.records import Claim, DecisionEvent, DecisionRecord
-from service.core.registry import InvalidModel, LoadedModel, ModelRegistry, UnknownModel
+from service.core.registry import LoadedModel, ModelRegistry, UnknownModel
 from service.errors import Unavailable
 from service.metrics import Metrics
-from service.ports import ConsumedBatch, EventSource, ExplanationStore
 from service.settings import WorkerSettings
 from workers.first_events import FirstEvents, Identity, Verdict
 from workers.health import WorkerHealth
@@ -30,20 +38,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Dead-letter reasons: stable slugs, used as the metric label and the Kafka header.
-MALFORMED = "malformed"
-UNKNOWN_MODEL_VERSION = "unknown-model-version"
-INVALID_MODEL = "invalid-model"
-INVALID_FEATURES = "invalid-features"
-PREDICTION_MISMATCH = "prediction-mismatch"
-ADDITIVITY_ERROR = "additivity-error"
-EXPLAIN_FAILED = "explain-failed"
-UNSTORABLE = "unstorable-record"
 # What a step may fail with and still succeed when retried: outages of the store or the bus.
 TRANSIENT = (Unavailable, TimeoutError, OSError)
-
-# A second request under a transaction id already decided (workers/first_events.py).
-CONFLICTING_ID = "conflicting-transaction-id"
 
 
 @dataclass(frozen=True)
@@ -92,7 +88,7 @@ class _Plan:
     """What one batch turns into: records to write and payloads to dead-letter."""
 
     records: list[DecisionRecord] = field(default_factory=list)
-    dead: list[tuple[bytes, str]] = field(default_factory=list)
+    dead: list[tuple[bytes, DeadLetterReason]] = field(default_factory=list)
     # The consumed bytes of each event, so a dead letter carries exactly what was published.
     payloads: dict[str, bytes] = field(default_factory=dict)
     # The first event of each transaction id in the batch, and the later ones set aside.
@@ -107,26 +103,34 @@ class _Explainer:
     engine: Engine
 
 
-def failure_reason(failure: Failure) -> str:
-    """A stable slug for an explain failure (the free-text detail goes to the log)."""
-    text = failure.reason
-    if text.startswith("invalid features"):
-        return INVALID_FEATURES
-    if text.startswith("additivity error"):
-        return ADDITIVITY_ERROR
-    if text.startswith("decided by version"):
-        return UNKNOWN_MODEL_VERSION
-    return PREDICTION_MISMATCH
-
-
 def choose_engine(model: LoadedModel, setting: str) -> tuple[Engine, str | None]:
-    """The engine for `model`, and why it is not the fast one when `setting` is "auto"."""
+    """The engine for `model`, and why it is not the fast one when `setting` is "auto".
+
+    "pred_contribs" names the framework's own exact TreeSHAP (xgboost's pred_contribs,
+    LightGBM's pred_contrib), the reference the fast engine is tested against.
+    """
     if setting == "pred_contribs":
-        return PredContribs(model.booster), None
+        return model.framework.reference_engine(), None
     try:
-        return FastTreeShap.from_booster(model.booster), None
+        return _fast_engine(model), None
     except UnsupportedModel as exc:
-        return PredContribs(model.booster), f"the fast engine cannot explain it ({exc})"
+        return model.framework.reference_engine(), f"the fast engine cannot explain it ({exc})"
+
+
+def _fast_engine(model: LoadedModel) -> FastTreeShap:
+    """The native engine, once its expected value reproduces the framework's margin on an
+    all-missing row (catches an intercept the conversion got wrong)."""
+    engine = FastTreeShap(model.forest())
+    probe = np.full((1, engine.n_features), np.nan, dtype=np.float32)
+    ours = engine.contributions(probe).sum(axis=2).reshape(-1)
+    theirs = model.framework.predict_margins(probe).reshape(-1)
+    gap = np.abs(theirs - ours)
+    if theirs.shape != ours.shape or np.any(gap > 1e-5 * (1.0 + np.abs(theirs))):
+        raise UnsupportedModel(
+            f"its expected value does not reproduce {model.format}'s margin "
+            f"(objective {model.framework.objective})"
+        )
+    return engine
 
 
 def _utc(moment: datetime) -> datetime:
@@ -230,7 +234,7 @@ class ExplainerWorker:
             try:
                 event = DecisionEvent.from_bytes(payload)
             except ValueError:
-                plan.dead.append((payload, MALFORMED))
+                plan.dead.append((payload, DeadLetterReason.MALFORMED))
                 continue
             verdict = self._first_events.verdict(event, identities)
             if verdict is Verdict.SAME:
@@ -243,7 +247,7 @@ class ExplainerWorker:
                     event.transaction_id,
                 )
                 plan.conflicts += 1
-                plan.dead.append((payload, CONFLICTING_ID))
+                plan.dead.append((payload, DeadLetterReason.CONFLICTING_ID))
                 continue
             plan.firsts[event.transaction_id] = event
             events.append(event)
@@ -257,23 +261,24 @@ class ExplainerWorker:
                 log.warning(
                     "model version %s is unknown: %d events dead-lettered", version, len(group)
                 )
-                plan.dead.extend((payload_of[id(e)], UNKNOWN_MODEL_VERSION) for e in group)
+                unknown = DeadLetterReason.UNKNOWN_MODEL_VERSION
+                plan.dead.extend((payload_of[id(e)], unknown) for e in group)
                 continue
             except InvalidModel as exc:
                 log.error("model version %s cannot be loaded: %s", version, exc)
-                plan.dead.extend((payload_of[id(e)], INVALID_MODEL) for e in group)
+                invalid = DeadLetterReason.INVALID_MODEL
+                plan.dead.extend((payload_of[id(e)], invalid) for e in group)
                 continue
             result = await self._explain(explainer, group, explained_at)
             plan.records.extend(result.records)
             for failure in result.failures:
-                reason = failure_reason(failure)
                 log.warning(
                     "transaction %s dead-lettered (%s): %s",
                     failure.transaction_id,
-                    reason,
                     failure.reason,
+                    failure.detail,
                 )
-                plan.dead.append((payload_of[id(failure.event)], reason))
+                plan.dead.append((payload_of[id(failure.event)], failure.reason))
         return plan
 
     async def _explain(
@@ -289,7 +294,8 @@ class ExplainerWorker:
         except Exception:
             if len(events) == 1:
                 log.exception("explaining transaction %s failed", events[0].transaction_id)
-                return ExplainResult(failures=[Failure(events[0], EXPLAIN_FAILED)])
+                failure = Failure(events[0], DeadLetterReason.EXPLAIN_FAILED, "the engine raised")
+                return ExplainResult(failures=[failure])
             log.exception("explaining a batch of %d events failed; one by one now", len(events))
         result = ExplainResult()
         for event in events:
@@ -323,7 +329,7 @@ class ExplainerWorker:
             self._explainers.popitem(last=False)
         return explainer
 
-    async def _send_dead_letters(self, dead: list[tuple[bytes, str]]) -> None:
+    async def _send_dead_letters(self, dead: list[tuple[bytes, DeadLetterReason]]) -> None:
         # Pop each one once it is acknowledged, so a retry does not publish it again.
         while dead:
             payload, reason = dead[0]
@@ -353,8 +359,9 @@ class ExplainerWorker:
                 await self._store.write([record], self._claims(plan, [record]))
             except ValueError as exc:
                 log.error("transaction %s cannot be stored: %s", record.transaction_id, exc)
-                await self._source.dead_letter(plan.payloads[record.transaction_id], UNSTORABLE)
-                self._metrics.dead_letters.labels(reason=UNSTORABLE).inc()
+                payload, reason = plan.payloads[record.transaction_id], DeadLetterReason.UNSTORABLE
+                await self._source.dead_letter(payload, reason)
+                self._metrics.dead_letters.labels(reason=reason).inc()
                 continue
             written.append(record)
         return written

@@ -5,8 +5,7 @@ import logging
 import signal
 from contextlib import AsyncExitStack
 
-from service.adapters.cassandra_store import CassandraStore
-from service.adapters.kafka_bus import KafkaSource, ensure_topics
+from service.adapters.wiring import open_worker_adapters
 from service.core.registry import ModelRegistry
 from service.metrics import Metrics, create_metrics, create_worker_probe_metrics
 from service.settings import Settings
@@ -52,20 +51,16 @@ async def run_worker(
                 serving(create_probe_app(health, metrics.registry), sock)
             )
         registry = _registry(settings)
-        # Before the first consumer: a consumer on a missing topic would auto-create it with
-        # the broker's default partition count.
-        await ensure_topics(settings.kafka)
-        store = await CassandraStore.from_settings(settings)
-        stack.push_async_callback(store.close)
-        source = await KafkaSource.open(settings.kafka, metrics)
-        stack.push_async_callback(source.close)
-        health.consumer_started(source.in_group)
+        adapters = await stack.enter_async_context(open_worker_adapters(settings, metrics))
+        health.consumer_started(adapters.in_group)
         stack.callback(health.consumer_stopped)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
             stack.callback(loop.remove_signal_handler, sig)
-        worker = ExplainerWorker(source, store, registry, settings.worker, metrics, health=health)
+        worker = ExplainerWorker(
+            adapters.source, adapters.store, registry, settings.worker, metrics, health=health
+        )
         log.info(
             "explaining %s (group %s) into keyspace %s",
             settings.kafka.topic,

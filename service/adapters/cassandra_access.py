@@ -1,7 +1,7 @@
 """API keys and the access log in Cassandra, on the explanation store's session.
 
-One cluster connection per process: this adapter borrows `CassandraStore.session` and the
-store's asyncio bridge instead of opening its own.
+One cluster connection per process: this adapter borrows `CassandraStore.session` instead of
+opening its own, and sends on it as the store does (`service.adapters.cassandra_session`).
 """
 
 import asyncio
@@ -9,13 +9,21 @@ import heapq
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
-from cassandra.query import BoundStatement, PreparedStatement, SimpleStatement, Statement
+from cassandra.query import BoundStatement, PreparedStatement, SimpleStatement
 
-from service.adapters.cassandra_store import SCHEMA_TIMEOUT_S, CassandraStore, bridge
+from service.adapters.cassandra_session import (
+    SCHEMA_TIMEOUT_S,
+    Prepared,
+    execute,
+    from_driver,
+    prepare,
+)
+from service.adapters.cassandra_store import CassandraStore
 from service.adapters.cql_batches import grouped_batches
+from service.adapters.record_codec import to_epoch_ms, utc_day, utc_days
 from service.core.access import AccessEntry, Action, ApiKey, Scope
 
 # Keys never expire: they live until revoked (`shapstream keys revoke`). The table is tiny and
@@ -81,29 +89,12 @@ class _Statements:
     select_entries: PreparedStatement
 
 
-def _ms(moment: datetime) -> int:
-    return round(moment.timestamp() * 1000)
-
-
-def _from_driver(moment: datetime) -> datetime:
-    # The driver hands back naive UTC datetimes rebuilt from float seconds: round to the ms.
-    epoch_ms = round((moment - datetime(1970, 1, 1)) / timedelta(milliseconds=1))
-    return datetime.fromtimestamp(epoch_ms / 1000, UTC)
-
-
-def _days(start: datetime, end: datetime) -> list[date]:
-    """The UTC days that `start <= t < end` touches."""
-    first = start.astimezone(UTC).date()
-    last = (end.astimezone(UTC) - timedelta(milliseconds=1)).date()
-    return [first + timedelta(days=n) for n in range((last - first).days + 1)]
-
-
 def _key(row: dict[str, Any]) -> ApiKey:
     return ApiKey(
         name=row["name"],
         key_hash=row["key_hash"],
         scopes=frozenset(Scope(s) for s in row["scopes"] or ()),
-        created_at=_from_driver(row["created_at"]),
+        created_at=from_driver(row["created_at"]),
     )
 
 
@@ -111,62 +102,65 @@ class CassandraAccessStore:
     """`AccessStore` on Cassandra, sharing `store`'s session; LOCAL_QUORUM like the records."""
 
     def __init__(self, store: CassandraStore) -> None:
-        self._store = store
+        self._session = store.session
+        self._keyspace = store.keyspace
         self._ttl_s = store.ttl_s
-        self._statements: _Statements | None = None
-        self._prepare_lock = asyncio.Lock()
+        self._statements = Prepared(self._prepare_all)
 
     async def migrate(self) -> None:
         """Create the tables (the keyspace comes from the explanation store's `migrate`)."""
         for cql in SCHEMA:
-            statement = SimpleStatement(cql.format(keyspace=self._store.keyspace))
-            await self._execute(statement, timeout_s=SCHEMA_TIMEOUT_S)
+            statement = SimpleStatement(cql.format(keyspace=self._keyspace))
+            await execute(self._session, statement, timeout_s=SCHEMA_TIMEOUT_S)
 
     async def put_key(self, key: ApiKey) -> None:
-        statements = await self._prepared()
-        values = (key.key_hash, key.name, {s.value for s in key.scopes}, _ms(key.created_at))
-        await self._execute(statements.insert_key.bind(values))
+        statements = await self._statements.get()
+        scopes = {s.value for s in key.scopes}
+        values = (key.key_hash, key.name, scopes, to_epoch_ms(key.created_at))
+        await execute(self._session, statements.insert_key.bind(values))
 
     async def get_key(self, key_hash: str) -> ApiKey | None:
-        statements = await self._prepared()
-        rows = await self._execute(statements.select_key.bind((key_hash,)))
+        statements = await self._statements.get()
+        rows = await execute(self._session, statements.select_key.bind((key_hash,)))
         return _key(rows[0]) if rows else None
 
     async def delete_key(self, key_hash: str) -> None:
-        statements = await self._prepared()
-        await self._execute(statements.delete_key.bind((key_hash,)))
+        statements = await self._statements.get()
+        await execute(self._session, statements.delete_key.bind((key_hash,)))
 
     async def keys(self) -> list[ApiKey]:
-        statements = await self._prepared()
+        statements = await self._statements.get()
         bound = statements.select_keys.bind(())
         bound.fetch_size = None
-        return sorted(map(_key, await self._execute(bound)), key=lambda k: k.created_at)
+        return sorted(map(_key, await execute(self._session, bound)), key=lambda k: k.created_at)
 
     async def record(self, entry: AccessEntry) -> None:
-        statements = await self._prepared()
+        statements = await self._statements.get()
         entry_id = uuid.uuid4()
         bound = self._bind_entry(statements, entry, entry_id, entry_id.int % ACCESS_LOG_BUCKETS)
-        await self._execute(bound)
+        await execute(self._session, bound)
 
     async def record_many(self, entries: Sequence[AccessEntry]) -> None:
         """One bucket for the lot (chosen at random, as one entry's would be), so the entries
         of a day share a partition and go as one unlogged batch (split past its limits)."""
         if not entries:
             return
-        statements = await self._prepared()
+        statements = await self._statements.get()
         bucket = uuid.uuid4().int % ACCESS_LOG_BUCKETS
         bound = [self._bind_entry(statements, e, uuid.uuid4(), bucket) for e in entries]
         # Grouped by partition (the routing key): a batch never spans two.
         batches = grouped_batches(bound, lambda routing_key: routing_key)
-        await asyncio.gather(*(self._execute(batch) for batch in batches))
+        await asyncio.gather(*(execute(self._session, batch) for batch in batches))
 
     def _bind_entry(
         self, statements: _Statements, entry: AccessEntry, entry_id: uuid.UUID, bucket: int
     ) -> BoundStatement:
+        # The partition's day is the day of the stored time, to the millisecond.
+        at_ms = to_epoch_ms(entry.at)
         values = (
-            entry.at.astimezone(UTC).date(),
+            utc_day(at_ms),
             bucket,
-            _ms(entry.at),
+            at_ms,
             entry_id,
             entry.key_name,
             entry.action.value,
@@ -179,22 +173,23 @@ class CassandraAccessStore:
         """Day by day, the buckets of a day read concurrently and merged in time order."""
         if end <= start or limit < 1:
             return []
-        statements = await self._prepared()
+        statements = await self._statements.get()
         found: list[AccessEntry] = []
-        for day in _days(start, end):
+        start_ms, end_ms = to_epoch_ms(start), to_epoch_ms(end)
+        for day in utc_days(start_ms, end_ms):
             wanted = limit - len(found)
             reads = []
             for bucket in range(ACCESS_LOG_BUCKETS):
-                bound = statements.select_entries.bind((day, bucket, _ms(start), _ms(end), wanted))
+                bound = statements.select_entries.bind((day, bucket, start_ms, end_ms, wanted))
                 # One page of at most `wanted` rows: the driver would otherwise stop at 5,000.
                 bound.fetch_size = None
-                reads.append(self._execute(bound))
+                reads.append(execute(self._session, bound))
             buckets = await asyncio.gather(*reads)
             merged = heapq.merge(*buckets, key=lambda r: (r["accessed_at"], r["entry_id"]))
             for row in merged:
                 found.append(
                     AccessEntry(
-                        at=_from_driver(row["accessed_at"]),
+                        at=from_driver(row["accessed_at"]),
                         key_name=row["key_name"],
                         action=Action(row["action"]),
                         target=row["target"],
@@ -210,43 +205,17 @@ class CassandraAccessStore:
         elapsed_s = max(int((datetime.now(UTC) - at).total_seconds()), 0)
         return max(self._ttl_s - elapsed_s, 1)
 
-    async def _prepared(self) -> _Statements:
-        """Prepare every statement once per session, on first use (after `migrate`)."""
-        if self._statements is None:
-            async with self._prepare_lock:
-                if self._statements is None:
-                    self._statements = await asyncio.to_thread(self._prepare_all)
-        return self._statements
-
     def _prepare_all(self) -> _Statements:
-        session = self._store.session
-
-        def prepare(cql: str) -> PreparedStatement:
-            statement: PreparedStatement = session.prepare(
-                cql.format(keyspace=self._store.keyspace)
-            )
+        def idempotent(cql: str) -> PreparedStatement:
             # Every statement may be retried: keys are upserts and deletes by primary key, and
             # an entry's random id makes a retried insert land on the same row.
-            statement.is_idempotent = True
-            return statement
+            return prepare(self._session, self._keyspace, cql, idempotent=True)
 
         return _Statements(
-            insert_key=prepare(INSERT_KEY),
-            select_key=prepare(SELECT_KEY),
-            select_keys=prepare(SELECT_KEYS),
-            delete_key=prepare(DELETE_KEY),
-            insert_entry=prepare(INSERT_ENTRY),
-            select_entries=prepare(SELECT_ENTRIES),
+            insert_key=idempotent(INSERT_KEY),
+            select_key=idempotent(SELECT_KEY),
+            select_keys=idempotent(SELECT_KEYS),
+            delete_key=idempotent(DELETE_KEY),
+            insert_entry=idempotent(INSERT_ENTRY),
+            select_entries=idempotent(SELECT_ENTRIES),
         )
-
-    async def _execute(
-        self, statement: Statement, timeout_s: float | None = None
-    ) -> list[dict[str, Any]]:
-        loop = asyncio.get_running_loop()
-        session = self._store.session
-        if timeout_s is None:
-            response = session.execute_async(statement)
-        else:
-            response = session.execute_async(statement, timeout=timeout_s)
-        rows: list[dict[str, Any]] | None = await bridge(response, loop)
-        return rows or []

@@ -1,9 +1,7 @@
 """The explanation store on Apache Cassandra (cassandra-driver), bridged to asyncio.
 
-The driver does its I/O on its own thread (libev reactor); every request is sent with
-`execute_async` and its `ResponseFuture` is turned into an asyncio future with
-`loop.call_soon_threadsafe`, so the event loop never waits on the network. Only the few
-calls the driver offers solely as blocking ones (connect, prepare, shutdown) run in a thread.
+Requests go through `service.adapters.cassandra_session`: sent with `execute_async`, awaited
+on the event loop, never blocking it on the network.
 """
 
 import asyncio
@@ -14,24 +12,16 @@ import time
 import zlib
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
-from cassandra import (
-    ConsistencyLevel,
-    InvalidRequest,
-    OperationTimedOut,
-    ProtocolVersion,
-    RequestExecutionException,
-)
+from cassandra import ConsistencyLevel, InvalidRequest, ProtocolVersion
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import (
     EXEC_PROFILE_DEFAULT,
     Cluster,
     ExecutionProfile,
-    NoHostAvailable,
     ResponseFuture,
     Session,
 )
@@ -39,7 +29,6 @@ from cassandra.cluster import (
 # Explicit, so a missing libev fails loudly instead of falling back: the asyncore reactor
 # warns on import (deprecated module), and the asyncio reactor is marked experimental and calls
 # `asyncio.set_event_loop` on whichever thread opens the first connection.
-from cassandra.connection import ConnectionBusy, ConnectionException
 from cassandra.io.libevreactor import LibevConnection
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import (
@@ -51,19 +40,28 @@ from cassandra.query import (
     dict_factory,
 )
 
+from service.adapters.cassandra_session import (
+    SCHEMA_TIMEOUT_S,
+    Prepared,
+    bridge,
+    driver_ms,
+    execute,
+    not_migrated,
+    prepare,
+)
 from service.adapters.cql_batches import grouped_batches
 from service.adapters.record_codec import (
-    ModelConflictError,
     RecordColumns,
     claims_by_record,
     from_columns,
     to_columns,
     to_epoch_ms,
     utc_day,
+    utc_days,
 )
+from service.core.ports import ModelConflictError
 from service.core.records import Claim, DecisionRecord, ModelArtifact
 from service.core.schema import ModelSchema
-from service.errors import StoreUnavailable
 from service.hosts import parse_host_ports
 from service.settings import CassandraSettings, Settings
 
@@ -74,8 +72,6 @@ MAX_TTL_S = 20 * 365 * 24 * 3600
 # and rejects writes expiring later than this (CASSANDRA-14092); 7 years of retention reach it
 # from 2031-01-19 on.
 EXPIRY_LIMIT = datetime(2038, 1, 19, 3, 14, 6, tzinfo=UTC)
-# Schema changes wait for schema agreement between nodes, which can outlast a query timeout.
-SCHEMA_TIMEOUT_S = 60.0
 _KEYSPACE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
 
 # Partition sizing of decisions_by_day. Design load: 1,000 decisions/s on one model version,
@@ -111,8 +107,8 @@ _TIME_WINDOWS = (
     "'compaction_window_unit': 'DAYS', 'compaction_window_size': 60}}"
 )
 
-# Pre-release: columns are added to these CREATE statements with no ALTER path; a keyspace
-# created by an older build is dropped by hand, then `shapstream db migrate` runs again.
+# Columns added to a released table go in an ALTER below (not here), so `shapstream db migrate`
+# brings a keyspace made before them up to date.
 CREATE_DECISIONS_BY_TXN = f"""
 CREATE TABLE IF NOT EXISTS {{keyspace}}.decisions_by_txn (
     txn_id text PRIMARY KEY,
@@ -162,12 +158,21 @@ CREATE TABLE IF NOT EXISTS {{keyspace}}.decisions_by_day (
 ADD_CLAIM_COLUMNS = """
 ALTER TABLE {keyspace}.decisions_by_txn ADD IF NOT EXISTS (request_hash text, response blob)"""
 
+# The model's format and framework version, in both decision tables; null in rows written
+# before them (a record of then is hashed without them, `service.core.integrity`).
+ADD_MODEL_FORMAT_COLUMNS = tuple(
+    f"ALTER TABLE {{keyspace}}.{table} ADD IF NOT EXISTS (model_format text, "
+    "framework_version text)"
+    for table in ("decisions_by_txn", "decisions_by_day")
+)
+
 SCHEMA = (
     CREATE_KEYSPACE,
     CREATE_MODELS,
     CREATE_DECISIONS_BY_TXN,
     CREATE_DECISIONS_BY_DAY,
     ADD_CLAIM_COLUMNS,
+    *ADD_MODEL_FORMAT_COLUMNS,
 )
 TABLES = ("models", "decisions_by_txn", "decisions_by_day")
 
@@ -175,20 +180,21 @@ TABLES = ("models", "decisions_by_txn", "decisions_by_day")
 INSERT_DECISION_BY_TXN = """
 INSERT INTO {keyspace}.decisions_by_txn (
     txn_id, model_name, model_version, inputs, prediction, decision, base_value, attributions,
-    additivity_error, engine, decided_at, explained_at, reasons, protected_share, record_hash,
-    request_hash, response
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"""
+    additivity_error, engine, model_format, framework_version, decided_at, explained_at, reasons,
+    protected_share, record_hash, request_hash, response
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"""
 
 INSERT_DECISION_BY_DAY = """
 INSERT INTO {keyspace}.decisions_by_day (
     model_version, day, bucket, decided_at, txn_id, model_name, inputs, prediction, decision,
-    base_value, attributions, additivity_error, engine, explained_at, reasons, protected_share,
-    record_hash
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"""
+    base_value, attributions, additivity_error, engine, model_format, framework_version,
+    explained_at, reasons, protected_share, record_hash
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"""
 
 SELECT_DECISION = """
 SELECT txn_id, model_name, model_version, inputs, prediction, decision, base_value, attributions,
-       additivity_error, engine, decided_at, explained_at, reasons, protected_share, record_hash
+       additivity_error, engine, model_format, framework_version, decided_at, explained_at,
+       reasons, protected_share, record_hash
 FROM {keyspace}.decisions_by_txn WHERE txn_id = ?"""
 
 # Claims of many ids in one request (the gateway's concurrent requests, coalesced). Kept as
@@ -211,7 +217,8 @@ SELECT_MODEL_VERSIONS = "SELECT model_version FROM {keyspace}.models"
 # One (version, day, bucket) partition, sliced by time; columns as in SELECT_DECISION.
 SELECT_DAY_PARTITION = """
 SELECT txn_id, model_name, model_version, inputs, prediction, decision, base_value, attributions,
-       additivity_error, engine, decided_at, explained_at, reasons, protected_share, record_hash
+       additivity_error, engine, model_format, framework_version, decided_at, explained_at,
+       reasons, protected_share, record_hash
 FROM {keyspace}.decisions_by_day
 WHERE model_version = ? AND day = ? AND bucket = ? AND decided_at >= ? AND decided_at < ?"""
 
@@ -231,15 +238,6 @@ SELECT_TABLES = "SELECT table_name FROM system_schema.tables WHERE keyspace_name
 
 # How Cassandra says a keyspace or table is missing (not migrated yet, or dropped).
 _MISSING_SCHEMA = re.compile(r"unconfigured table|does not exist", re.IGNORECASE)
-
-# What the driver raises when the cluster, not the request, is at fault.
-_UNAVAILABLE = (
-    OperationTimedOut,
-    RequestExecutionException,
-    NoHostAvailable,
-    ConnectionException,
-    ConnectionBusy,
-)
 
 
 def parse_hosts(hosts: str) -> list[tuple[str, int]]:
@@ -318,54 +316,12 @@ def build_cluster(settings: CassandraSettings) -> Cluster:
     )
 
 
-def _settle(future: "asyncio.Future[Any]", rows: Any, error: BaseException | None) -> None:
-    # The awaiting task may have been cancelled while the driver was still working.
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(rows)
-
-
 def _discard(future: "asyncio.Future[Any]") -> None:
     """Drop a page no one will read: cancel it, or take its error so it is not logged as lost."""
     if not future.done():
         future.cancel()
     elif not future.cancelled():
         future.exception()
-
-
-def bridge(response: ResponseFuture, loop: asyncio.AbstractEventLoop) -> "asyncio.Future[Any]":
-    """An asyncio future resolved from the driver's I/O thread when `response` completes."""
-    future: asyncio.Future[Any] = loop.create_future()
-    response.add_callbacks(
-        callback=lambda rows: loop.call_soon_threadsafe(_settle, future, rows, None),
-        errback=lambda error: loop.call_soon_threadsafe(_settle, future, None, error),
-    )
-    return future
-
-
-@contextmanager
-def unavailable_on_driver_errors() -> Iterator[None]:
-    """Raise the driver's availability errors (timeouts, no host, lost connections) as
-    `StoreUnavailable`, which callers answer with a 503 or retry; anything else is a bug."""
-    try:
-        yield
-    except _UNAVAILABLE as exc:
-        raise StoreUnavailable(f"Cassandra did not answer ({type(exc).__name__}).") from exc
-
-
-def _not_migrated(exc: InvalidRequest) -> StoreUnavailable:
-    # Not ready rather than broken: a worker started before `db migrate` waits for it.
-    return StoreUnavailable(
-        f"the keyspace or its tables are missing ({exc}); run `shapstream db migrate`"
-    )
-
-
-def _driver_ms(moment: datetime) -> int:
-    # The driver hands back naive UTC datetimes rebuilt from float seconds: round, don't floor.
-    return round((moment - datetime(1970, 1, 1)) / timedelta(milliseconds=1))
 
 
 def _row_columns(row: dict[str, Any]) -> RecordColumns:
@@ -381,20 +337,14 @@ def _row_columns(row: dict[str, Any]) -> RecordColumns:
         attributions=row["attributions"],
         additivity_error=row["additivity_error"],
         engine=row["engine"],
-        decided_at_ms=_driver_ms(row["decided_at"]),
-        explained_at_ms=_driver_ms(row["explained_at"]),
+        model_format=row["model_format"],
+        framework_version=row["framework_version"],
+        decided_at_ms=driver_ms(row["decided_at"]),
+        explained_at_ms=driver_ms(row["explained_at"]),
         reasons=row["reasons"],
         protected_share=row["protected_share"],
         record_hash=row["record_hash"],
     )
-
-
-def utc_days(start_ms: int, end_ms: int) -> list[date]:
-    """The UTC days that [start_ms, end_ms) touches, in order."""
-    if end_ms <= start_ms:
-        return []
-    first, last = utc_day(start_ms), utc_day(end_ms - 1)
-    return [first + timedelta(days=n) for n in range((last - first).days + 1)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,8 +376,7 @@ class CassandraStore:
         self._ttl_s = ttl_seconds(retention)
         self._fast_timeout_s = settings.fast_timeout_s
         self._replication = settings.replication_factor
-        self._statements: _Statements | None = None
-        self._prepare_lock = asyncio.Lock()
+        self._statements = Prepared(self._prepare_all)
 
     @classmethod
     async def connect(cls, settings: CassandraSettings, retention: timedelta) -> Self:
@@ -463,15 +412,15 @@ class CassandraStore:
     async def migrate(self) -> None:
         for cql in SCHEMA:
             text = cql.format(keyspace=self.keyspace, replication=replication_map(self._settings))
-            await self._execute(SimpleStatement(text), driver_timeout_s=SCHEMA_TIMEOUT_S)
+            await execute(self._session, SimpleStatement(text), timeout_s=SCHEMA_TIMEOUT_S)
 
     async def existing_tables(self) -> set[str]:
         """Tables of this store's keyspace that exist now (empty when the keyspace does not)."""
-        rows = await self._execute(SimpleStatement(SELECT_TABLES), (self.keyspace,))
+        rows = await execute(self._session, SimpleStatement(SELECT_TABLES), (self.keyspace,))
         return {row["table_name"] for row in rows}
 
     async def put_model(self, artifact: ModelArtifact) -> None:
-        statements = await self._prepared()
+        statements = await self._statements.get()
         feature_names = ModelSchema.model_validate_json(artifact.schema_bytes).feature_names
         values = (
             artifact.version,
@@ -481,7 +430,7 @@ class CassandraStore:
             feature_names,
             int(time.time() * 1000),
         )
-        rows = await self._execute(statements.insert_model, values)
+        rows = await execute(self._session, statements.insert_model, values)
         stored = rows[0]
         if not stored["[applied]"] and (
             stored["name"],
@@ -491,8 +440,8 @@ class CassandraStore:
             raise ModelConflictError(f"model {artifact.version} differs from the stored version")
 
     async def get_model(self, version: str) -> ModelArtifact | None:
-        statements = await self._prepared()
-        rows = await self._execute(statements.select_model, (version,))
+        statements = await self._statements.get()
+        rows = await execute(self._session, statements.select_model, (version,))
         if not rows:
             return None
         row = rows[0]
@@ -505,15 +454,18 @@ class CassandraStore:
 
     async def find_claims(self, transaction_ids: Sequence[str]) -> dict[str, Claim]:
         """One `IN` query per replica set, at the gateway's short deadline."""
-        statements = await self._prepared()
+        statements = await self._statements.get()
         ids = transaction_ids
         groups: dict[Hashable, list[str]] = {}
         for txn in ids:
             groups.setdefault(self._replicas_of(txn.encode()), []).append(txn)
         pages = await asyncio.gather(
             *(
-                self._execute(
-                    statements.select_claims, (group,), driver_timeout_s=self._fast_timeout_s
+                execute(
+                    self._session,
+                    statements.select_claims,
+                    (group,),
+                    timeout_s=self._fast_timeout_s,
                 )
                 for group in groups.values()
             )
@@ -546,7 +498,7 @@ class CassandraStore:
         Raises the first failure (a timeout included: the write may or may not have landed,
         and the caller redelivers; every statement is an idempotent upsert).
         """
-        statements = await self._prepared()
+        statements = await self._statements.get()
         now_ms = int(time.time() * 1000)
         claim_of = claims_by_record(records, claims)
         # Encoded and bound (routing key included) up front: a record the driver cannot
@@ -568,10 +520,10 @@ class CassandraStore:
         async def send(request: Statement) -> None:
             async with limit:
                 try:
-                    await self._execute(request)
+                    await execute(self._session, request)
                 except InvalidRequest as exc:
                     if _MISSING_SCHEMA.search(str(exc)):
-                        raise _not_migrated(exc) from exc
+                        raise not_migrated(exc) from exc
                     # The server refused the content (a value too large, say), not an outage:
                     # the caller writes record by record and sets the refused one aside.
                     raise ValueError(f"Cassandra refused a write: {exc}") from exc
@@ -581,14 +533,14 @@ class CassandraStore:
         await asyncio.gather(*(send(r) for r in grouped_batches(writes, self._replicas_of)))
 
     async def get(self, transaction_id: str) -> DecisionRecord | None:
-        statements = await self._prepared()
-        rows = await self._execute(statements.select_decision, (transaction_id,))
+        statements = await self._statements.get()
+        rows = await execute(self._session, statements.select_decision, (transaction_id,))
         if not rows:
             return None
         return from_columns(_row_columns(rows[0]))
 
     async def model_versions(self) -> list[str]:
-        statements = await self._prepared()
+        statements = await self._statements.get()
         query = statements.select_model_versions.bind(())
         versions = [
             row["model_version"]
@@ -605,7 +557,7 @@ class CassandraStore:
         Not in global time order: each day's buckets are read one after the other, and each
         bucket is in time order. Rows are decoded one at a time, as the reader asks for them.
         """
-        statements = await self._prepared()
+        statements = await self._statements.get()
         start_ms, end_ms = to_epoch_ms(start), to_epoch_ms(end)
         partitions = (
             statements.select_day_partition.bind((model_version, day, bucket, start_ms, end_ms))
@@ -662,7 +614,7 @@ class CassandraStore:
                 _discard(future)
 
     async def ping(self) -> None:
-        rows = await self._execute(SimpleStatement(SELECT_RELEASE))
+        rows = await execute(self._session, SimpleStatement(SELECT_RELEASE))
         if not rows:
             raise RuntimeError("system.local returned no row")
 
@@ -671,7 +623,7 @@ class CassandraStore:
 
     async def _check_expiry_limit(self) -> None:
         """Refuse to start, rather than fail every write, when retention crosses EXPIRY_LIMIT."""
-        rows = await self._execute(SimpleStatement(SELECT_STORAGE_MODE))
+        rows = await execute(self._session, SimpleStatement(SELECT_STORAGE_MODE))
         # Cassandra 4.x has no such setting (no row) and always has the limit.
         if rows and rows[0]["value"] == "NONE":
             return
@@ -721,6 +673,8 @@ class CassandraStore:
                 columns.attributions,
                 columns.additivity_error,
                 columns.engine,
+                columns.model_format,
+                columns.framework_version,
                 columns.explained_at_ms,
                 columns.reasons,
                 columns.protected_share,
@@ -735,49 +689,17 @@ class CassandraStore:
                 raise ValueError(f"a key of record {columns.txn_id[:64]!r} is too long") from exc
         return by_txn, by_day
 
-    async def _prepared(self) -> _Statements:
-        """Prepare every statement once per session, on first use (after `migrate`)."""
-        if self._statements is None:
-            async with self._prepare_lock:
-                if self._statements is None:
-                    try:
-                        self._statements = await asyncio.to_thread(self._prepare_all)
-                    except InvalidRequest as exc:
-                        raise _not_migrated(exc) from exc
-        return self._statements
-
     def _prepare_all(self) -> _Statements:
-        def prepare(cql: str, *, idempotent: bool, page: bool = False) -> PreparedStatement:
-            statement: PreparedStatement = self._session.prepare(cql.format(keyspace=self.keyspace))
-            statement.is_idempotent = idempotent
-            if page:
-                statement.fetch_size = SCAN_PAGE_ROWS
-            return statement
+        def idempotent(cql: str, page_rows: int | None = None) -> PreparedStatement:
+            return prepare(self._session, self.keyspace, cql, idempotent=True, page_rows=page_rows)
 
         return _Statements(
-            insert_by_txn=prepare(INSERT_DECISION_BY_TXN, idempotent=True),
-            insert_by_day=prepare(INSERT_DECISION_BY_DAY, idempotent=True),
-            select_decision=prepare(SELECT_DECISION, idempotent=True),
-            select_claims=prepare(SELECT_CLAIMS, idempotent=True),
-            insert_model=prepare(INSERT_MODEL, idempotent=False),
-            select_model=prepare(SELECT_MODEL, idempotent=True),
-            select_model_versions=prepare(SELECT_MODEL_VERSIONS, idempotent=True),
-            select_day_partition=prepare(SELECT_DAY_PARTITION, idempotent=True, page=True),
+            insert_by_txn=idempotent(INSERT_DECISION_BY_TXN),
+            insert_by_day=idempotent(INSERT_DECISION_BY_DAY),
+            select_decision=idempotent(SELECT_DECISION),
+            select_claims=idempotent(SELECT_CLAIMS),
+            insert_model=prepare(self._session, self.keyspace, INSERT_MODEL, idempotent=False),
+            select_model=idempotent(SELECT_MODEL),
+            select_model_versions=idempotent(SELECT_MODEL_VERSIONS),
+            select_day_partition=idempotent(SELECT_DAY_PARTITION, page_rows=SCAN_PAGE_ROWS),
         )
-
-    async def _execute(
-        self,
-        statement: Statement,
-        values: Sequence[Any] | None = None,
-        *,
-        driver_timeout_s: float | None = None,
-    ) -> list[dict[str, Any]]:
-        """Send through the driver; the profile's timeout applies unless one is given."""
-        loop = asyncio.get_running_loop()
-        with unavailable_on_driver_errors():
-            if driver_timeout_s is None:
-                response = self._session.execute_async(statement, values)
-            else:
-                response = self._session.execute_async(statement, values, timeout=driver_timeout_s)
-            rows: list[dict[str, Any]] | None = await bridge(response, loop)
-        return rows or []

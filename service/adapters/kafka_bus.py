@@ -21,10 +21,10 @@ from aiokafka.errors import (
 )
 
 from service.adapters.kafka_backlog import OldestUnwritten
+from service.core.ports import BusStatus
 from service.core.records import DecisionEvent
 from service.errors import BusUnavailable
 from service.metrics import Metrics
-from service.ports import BusStatus
 from service.settings import KafkaSettings
 
 log = logging.getLogger(__name__)

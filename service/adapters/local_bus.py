@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.adapters.outbox import Entry, Outbox, OutboxClosed
+from service.core.ports import BusStatus
 from service.core.records import DecisionEvent
 from service.errors import BusUnavailable
 from service.metrics import Metrics
-from service.ports import BusStatus
 from service.settings import Settings
 
 OUTBOX_FILE = "outbox.sqlite3"

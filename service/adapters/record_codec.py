@@ -7,6 +7,7 @@
 - `inputs` and `prediction`: orjson, the same JSON the event carries.
 - `reasons`: orjson, a list of {family, reason, contribution, features} in rank order.
 - `protected_share` (a double, or null) and `record_hash` (hex text) as they are.
+- `model_format` and `framework_version`: text, null in rows written before they were kept.
 - Timestamps: whole milliseconds since the epoch, UTC, because that is what a Cassandra
   `timestamp` holds; sub-millisecond digits are dropped on write so a round trip is equal.
 """
@@ -48,6 +49,14 @@ def utc_day(ms: int) -> date:
     return from_epoch_ms(ms).date()
 
 
+def utc_days(start_ms: int, end_ms: int) -> list[date]:
+    """The UTC days that [start_ms, end_ms) touches, in order."""
+    if end_ms <= start_ms:
+        return []
+    first, last = utc_day(start_ms), utc_day(end_ms - 1)
+    return [first + timedelta(days=n) for n in range((last - first).days + 1)]
+
+
 def encode_attributions(rows: list[list[float]], outputs: int) -> bytes:
     """Pack (outputs x features) as float32; refuse ragged rows or a row count != outputs."""
     if len(rows) != outputs or len({len(row) for row in rows}) > 1:
@@ -82,10 +91,6 @@ def decision_text(
     return None
 
 
-class ModelConflictError(ValueError):
-    """A model version is already stored with different content (versions are content hashes)."""
-
-
 @dataclass(frozen=True, slots=True)
 class RecordColumns:
     """The stored form of one `DecisionRecord`, the same in every store."""
@@ -100,6 +105,8 @@ class RecordColumns:
     attributions: bytes
     additivity_error: float
     engine: str
+    model_format: str | None
+    framework_version: str | None
     decided_at_ms: int
     explained_at_ms: int
     reasons: bytes
@@ -135,6 +142,8 @@ def to_columns(record: DecisionRecord) -> RecordColumns:
         attributions=encode_attributions(record.attributions, outputs=len(record.base_value)),
         additivity_error=record.additivity_error,
         engine=record.engine,
+        model_format=record.model_format,
+        framework_version=record.framework_version,
         decided_at_ms=to_epoch_ms(record.decided_at),
         explained_at_ms=to_epoch_ms(record.explained_at),
         reasons=orjson.dumps([reason.model_dump(mode="json") for reason in record.reasons]),
@@ -155,6 +164,8 @@ def from_columns(columns: RecordColumns) -> DecisionRecord:
             "attributions": decode_attributions(columns.attributions, outputs=len(base_value)),
             "additivity_error": columns.additivity_error,
             "engine": columns.engine,
+            "model_format": columns.model_format,
+            "framework_version": columns.framework_version,
             "decided_at": from_epoch_ms(columns.decided_at_ms),
             "explained_at": from_epoch_ms(columns.explained_at_ms),
             "reasons": orjson.loads(columns.reasons),

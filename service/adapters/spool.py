@@ -28,10 +28,10 @@ from typing import IO
 from service.adapters.kafka_bus import KafkaBus
 from service.adapters.outbox import Outbox, OutboxClosed, OutboxFull
 from service.core.breaker import CircuitBreaker, Guard
+from service.core.ports import BusStatus
 from service.core.records import DecisionEvent
 from service.errors import BusUnavailable
 from service.metrics import Metrics
-from service.ports import BusStatus
 from service.settings import KafkaSettings, SpoolSettings
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,6 @@ from typing import Any, Self, TypeVar
 import orjson
 
 from service.adapters.record_codec import (
-    ModelConflictError,
     RecordColumns,
     claims_by_record,
     from_columns,
@@ -26,6 +25,7 @@ from service.adapters.record_codec import (
     to_epoch_ms,
 )
 from service.adapters.sqlite_files import private_database
+from service.core.ports import ModelConflictError
 from service.core.records import Claim, DecisionRecord, ModelArtifact
 from service.core.schema import ModelSchema
 from service.errors import StoreUnavailable
@@ -48,8 +48,7 @@ CREATE TABLE IF NOT EXISTS models (
 )"""
 
 # One table does here what decisions_by_txn and decisions_by_day do in Cassandra: the index
-# serves the scan by model version and time. Pre-release: columns are added here, with no
-# ALTER path for older files (delete the demo database after an upgrade).
+# serves the scan by model version and time. Columns added since are in ADDED_DECISION_COLUMNS.
 CREATE_DECISIONS = """
 CREATE TABLE IF NOT EXISTS decisions (
     txn_id TEXT PRIMARY KEY,
@@ -83,19 +82,26 @@ CREATE TABLE IF NOT EXISTS claims (
 
 SCHEMA = (CREATE_MODELS, CREATE_DECISIONS, CREATE_DECISIONS_BY_TIME, CREATE_CLAIMS)
 
+# Columns of `decisions` added after it was first released: `migrate` adds each one a database
+# lacks (SQLite has no ADD COLUMN IF NOT EXISTS), so an existing file keeps its rows, which
+# read back with null there.
+ADDED_DECISION_COLUMNS = (("model_format", "TEXT"), ("framework_version", "TEXT"))
+SELECT_DECISION_COLUMNS = "SELECT name FROM pragma_table_info('decisions')"
+ADD_DECISION_COLUMN = "ALTER TABLE decisions ADD COLUMN {name} {type}"
+
 # REPLACE is an upsert here (no triggers, no foreign keys): the same record twice is one row.
 UPSERT_DECISION = """
 INSERT OR REPLACE INTO decisions (
     txn_id, model_name, model_version, inputs, prediction, decision, base_value, attributions,
-    additivity_error, engine, decided_at_ms, explained_at_ms, reasons, protected_share,
-    record_hash, expires_at_ms
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    additivity_error, engine, model_format, framework_version, decided_at_ms, explained_at_ms,
+    reasons, protected_share, record_hash, expires_at_ms
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
 # Columns in `RecordColumns` order.
 SELECT_DECISION = """
 SELECT txn_id, model_name, model_version, inputs, prediction, decision, base_value, attributions,
-       additivity_error, engine, decided_at_ms, explained_at_ms, reasons, protected_share,
-       record_hash
+       additivity_error, engine, model_format, framework_version, decided_at_ms,
+       explained_at_ms, reasons, protected_share, record_hash
 FROM decisions WHERE txn_id = ? AND expires_at_ms > ?"""
 
 # An upsert, as in Cassandra: the last write of an id wins.
@@ -120,8 +126,8 @@ SELECT_MODEL_VERSIONS = "SELECT model_version FROM models ORDER BY model_version
 # order; only rows sharing a millisecond are sorted by txn_id on the side.
 SCAN_DECISIONS = """
 SELECT txn_id, model_name, model_version, inputs, prediction, decision, base_value, attributions,
-       additivity_error, engine, decided_at_ms, explained_at_ms, reasons, protected_share,
-       record_hash
+       additivity_error, engine, model_format, framework_version, decided_at_ms,
+       explained_at_ms, reasons, protected_share, record_hash
 FROM decisions
 WHERE model_version = ? AND decided_at_ms >= ? AND decided_at_ms < ? AND expires_at_ms > ?
 ORDER BY decided_at_ms, txn_id"""
@@ -314,6 +320,10 @@ class SqliteStore:
         with _transaction(self._connection):
             for statement in SCHEMA:
                 self._connection.execute(statement)
+            present = {name for (name,) in self._connection.execute(SELECT_DECISION_COLUMNS)}
+            for name, sql_type in ADDED_DECISION_COLUMNS:
+                if name not in present:
+                    self._connection.execute(ADD_DECISION_COLUMN.format(name=name, type=sql_type))
 
     def _fetch_one(self, sql: str, parameters: tuple[Any, ...]) -> tuple[Any, ...] | None:
         row: tuple[Any, ...] | None = self._connection.execute(sql, parameters).fetchone()

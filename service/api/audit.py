@@ -23,8 +23,8 @@ from service.core.export import (
     schemas_from,
     select_versions,
 )
+from service.core.ports import ExplanationStore
 from service.errors import FieldProblem, InvalidRequest
-from service.ports import ExplanationStore
 
 router = APIRouter(tags=["audit"])
 

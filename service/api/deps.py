@@ -13,10 +13,10 @@ from service.core.breaker import Guard
 from service.core.decisions import Decider
 from service.core.denials import DenialLog
 from service.core.keys import KeyVerifier
+from service.core.ports import AccessStore, EventBus, ExplanationStore
 from service.core.registry import ModelRegistry
 from service.errors import DuplicateKey, FieldProblem, UnsupportedMediaType
 from service.metrics import Metrics
-from service.ports import AccessStore, EventBus, ExplanationStore
 from service.settings import Settings
 
 STATE_KEY = "shapstream"

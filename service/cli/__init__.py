@@ -5,7 +5,6 @@ import typer
 
 def build_app() -> typer.Typer:
     """Assemble the command tree."""
-    from service.benchmarks.cli import bench_app
     from service.cli.audit import audit_app
     from service.cli.db import db_app
     from service.cli.keys import keys_app
@@ -32,7 +31,6 @@ def build_app() -> typer.Typer:
         help="Audit export and verification (verify reads only its file).\n\n"
         f"The store `audit export` reads: {STORE_RULE}",
     )
-    app.add_typer(bench_app, name="bench", help="Benchmarks.")
     return app
 
 

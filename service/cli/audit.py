@@ -4,7 +4,7 @@ import asyncio
 import getpass
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -18,9 +18,9 @@ from service.core.export import MIN_VERSION_PREFIX, ExportFormat
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from service.core.export import AuditExport, ExportQuery
+    from service.adapters.wiring import ScanProgress, Stores
+    from service.core.export import AuditExport
     from service.core.records import DecisionRecord
-    from service.ports import AccessStore, ExplanationStore
 
 audit_app = typer.Typer(no_args_is_help=True, help="Audit export and verification.")
 
@@ -135,7 +135,7 @@ def verify_command(
     file: Annotated[Path, typer.Argument(help="An export file.", exists=True, dir_okay=False)],
 ) -> None:
     """Recompute every row's record hash, the chain and the manifest; name what changed."""
-    from service.core.export import verify
+    from service.core.export_verify import verify
 
     report = verify(file)
     if report.ok:
@@ -166,6 +166,7 @@ async def _export(
     export_format: ExportFormat,
     target: _Target,
 ) -> int:
+    from service.adapters.wiring import scan_progress
     from service.core.access import AccessEntry, Action
     from service.core.export import (
         AuditExport,
@@ -177,7 +178,8 @@ async def _export(
         select_versions,
     )
 
-    async with _open_stores(settings) as (store, access):
+    async with _open_stores(settings) as stores:
+        store, access = stores.explanations, stores.access
         schemas = schemas_from(store.get_model)
         try:
             versions = await select_versions(store, schemas, model_version, decision)
@@ -193,14 +195,15 @@ async def _export(
         export = AuditExport(query, schemas)
         records = scan_versions(store, versions, start, end)
         async with aclosing(records):
-            await _write(export, records, _progress_scale(settings, query), target)
+            scale = scan_progress(settings, versions, start, end)
+            await _write(export, records, scale, target)
         return export.rows
 
 
 async def _write(
     export: "AuditExport",
     records: AsyncIterator["DecisionRecord"],
-    scale: tuple[Callable[["DecisionRecord"], int], int],
+    scale: "ScanProgress",
     target: _Target,
 ) -> None:
     """Write the export to the target under a rich progress bar over the scan."""
@@ -276,38 +279,6 @@ def _publish(partial: Path, target: _Target) -> None:
     partial.unlink()
 
 
-def _progress_scale(
-    settings: Settings, query: "ExportQuery"
-) -> tuple[Callable[["DecisionRecord"], int], int]:
-    """Where a record stands in the scan, and the end of the scale.
-
-    Cassandra reads (version, day, bucket) partitions in order, and a record's bucket follows
-    from its transaction id; SQLite reads each version in time order.
-    """
-    from service.adapters.record_codec import to_epoch_ms
-
-    versions = {version: index for index, version in enumerate(query.model_versions)}
-    start_ms, end_ms = to_epoch_ms(query.start), to_epoch_ms(query.end)
-    if settings.mode == "kafka":
-        from service.adapters.cassandra_store import day_bucket, utc_days
-
-        days = {day: index for index, day in enumerate(utc_days(start_ms, end_ms))}
-        buckets = settings.cassandra.day_buckets
-
-        def partition(record: "DecisionRecord") -> int:
-            day = days[record.decided_at.astimezone(UTC).date()]
-            bucket = day_bucket(record.transaction_id, buckets)
-            return (versions[record.model.version] * len(days) + day) * buckets + bucket + 1
-
-        return partition, max(len(versions) * len(days) * buckets, 1)
-    span = end_ms - start_ms
-
-    def moment(record: "DecisionRecord") -> int:
-        return versions[record.model.version] * span + to_epoch_ms(record.decided_at) - start_ms
-
-    return moment, max(len(versions) * span, 1)
-
-
 def _cli_user() -> str:
     try:
         return f"cli:{getpass.getuser()}"
@@ -316,14 +287,12 @@ def _cli_user() -> str:
 
 
 @asynccontextmanager
-async def _open_stores(
-    settings: Settings,
-) -> AsyncIterator[tuple["ExplanationStore", "AccessStore"]]:
+async def _open_stores(settings: Settings) -> AsyncIterator["Stores"]:
     """The stores of SHAPSTREAM_MODE; in embedded mode only an existing database."""
-    from service.adapters.sqlite_store import DB_FILE
-    from service.cli.stores import open_stores
+    from service.adapters.wiring import embedded_store_exists
+    from service.cli.stores import using_stores
 
-    if settings.mode != "kafka" and not (settings.data_dir / DB_FILE).exists():
+    if settings.mode != "kafka" and not embedded_store_exists(settings):
         raise _refused("SHAPSTREAM_DATA_DIR", f"no embedded database in {settings.data_dir}")
-    async with open_stores(settings) as stores:
+    async with using_stores(settings) as stores:
         yield stores

@@ -7,8 +7,8 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from service.cli.stores import STORE_RULE, open_stores, store_settings
-from service.ports import AccessStore
+from service.cli.stores import STORE_RULE, store_settings, using_stores
+from service.core.ports import AccessStore
 from service.settings import Settings
 
 T = TypeVar("T")
@@ -98,5 +98,5 @@ def _run(settings: Settings, action: Callable[[AccessStore], Awaitable[T]]) -> T
 @asynccontextmanager
 async def open_access_store(settings: Settings) -> AsyncIterator[AccessStore]:
     """The access store that `settings` name (see `store_settings`), schema ensured."""
-    async with open_stores(settings) as (_, access):
-        yield access
+    async with using_stores(settings) as stores:
+        yield stores.access

@@ -11,7 +11,12 @@ model_app = typer.Typer(
 )
 
 ModelFile = Annotated[
-    Path, typer.Argument(exists=True, dir_okay=False, help="XGBoost model file (JSON or UBJ).")
+    Path,
+    typer.Argument(
+        exists=True,
+        dir_okay=False,
+        help="Model file: XGBoost (JSON or UBJ), LightGBM (text), scikit-learn ensemble (.skops).",
+    ),
 ]
 Dest = Annotated[Path, typer.Argument(file_okay=False, help="New model directory to write.")]
 
@@ -31,25 +36,33 @@ def _load_categories(path: Path | None) -> dict[str, list[str]]:
 
 
 def _written(directory: Path) -> None:
-    from service.core.registry import LoadedModel, model_dirs
+    from service.core.registry import DEFAULT_MODEL_FILE, LoadedModel, model_dirs, named_default
 
     model = LoadedModel.from_directory(directory)
     typer.echo(f"wrote {directory / model.schema.model_file} and {directory / 'schema.json'}")
+    framework = model.framework
+    written = framework.framework_version or "an unknown version"
+    typer.echo(f"format {framework.format} (written by {framework.format} {written})")
     typer.echo(f"model {model.name} ({model.schema.task.value}), version {model.version}")
     served = model_dirs(directory.parent)
     # A hint, not configuration: the server checks the setting itself at start.
-    if len(served) > 1 and not os.environ.get("SHAPSTREAM_DEFAULT_MODEL"):
+    named = os.environ.get("SHAPSTREAM_DEFAULT_MODEL") or named_default(directory.parent, None)
+    if len(served) > 1 and not named:
         typer.echo(
             f"note: {directory.parent} now holds {len(served)} models; a server started on it "
-            "needs SHAPSTREAM_DEFAULT_MODEL, the model a request without `model` gets"
+            f"needs to know the model a request without `model` gets: write its name in "
+            f"{directory.parent / DEFAULT_MODEL_FILE}, or set SHAPSTREAM_DEFAULT_MODEL"
         )
 
 
 INIT_HELP = (
-    "Turn an XGBoost model file into a model directory (model.json + schema.json).\n\n"
+    "Turn a model file into a model directory (the model file + schema.json). The format is "
+    "told by the file: XGBoost (JSON or UBJ), LightGBM (text), scikit-learn ensembles (a .skops "
+    "file, converted into a forest file; serving needs no scikit-learn).\n\n"
     "The server serves every model directory under SHAPSTREAM_MODELS_DIR; with more than one, "
-    "set SHAPSTREAM_DEFAULT_MODEL to the model a request without `model` gets (the server does "
-    "not start otherwise). Then edit schema.json: reason families, and required features "
+    "name the model a request without `model` gets in the models directory's default-model "
+    "file or SHAPSTREAM_DEFAULT_MODEL (the server does not start otherwise). Then edit "
+    "schema.json: reason families, and required features "
     '("nullable": false).'
 )
 
@@ -76,9 +89,9 @@ def init(
         str | None, typer.Option(help="Protected attributes, comma separated.")
     ] = None,
 ) -> None:
-    """Turn an XGBoost model file into a model directory (help: `INIT_HELP`)."""
-    from service.core.model_init import init_model_dir
-    from service.core.registry import ModelError
+    """Turn a model file into a model directory (help: `INIT_HELP`)."""
+    from service.core.formats.base import ModelError
+    from service.tools.model_init import init_model_dir
 
     try:
         init_model_dir(
@@ -95,19 +108,33 @@ def init(
     _written(dest_dir)
 
 
+DEMO_DIRS = {"xgboost": "models/german-credit", "lightgbm": "models/german-credit-lightgbm"}
+
+
 @model_app.command("train-demo")
 def train_demo(
     data: Annotated[
         Path, typer.Option(exists=True, dir_okay=False, help="The German credit CSV.")
     ] = Path("data/german_credit.csv"),
-    out: Annotated[Path, typer.Option(file_okay=False, help="Model directory to write.")] = Path(
-        "models/german-credit"
-    ),
+    framework: Annotated[
+        str, typer.Option(help="xgboost (the demo) or lightgbm (the second shipped model).")
+    ] = "xgboost",
+    out: Annotated[
+        Path | None,
+        typer.Option(file_okay=False, help="Model directory to write (default: the shipped one)."),
+    ] = None,
 ) -> None:
-    """Train the German credit demo model (reproducible byte for byte)."""
-    from service.core.demo import train_demo as train
+    """Train a German credit demo model (reproducible byte for byte)."""
     from service.core.registry import LoadedModel
+    from service.tools.demo import train_demo as train_xgboost
+    from service.tools.demo_lightgbm import train_demo_lightgbm
 
+    if framework not in DEMO_DIRS:
+        raise typer.BadParameter(
+            f"{framework!r}: choose xgboost or lightgbm", param_hint="--framework"
+        )
+    out = out or Path(DEMO_DIRS[framework])
+    train = train_xgboost if framework == "xgboost" else train_demo_lightgbm
     train(data, out)
     _written(out)
     typer.echo(LoadedModel.from_directory(out).schema.description)

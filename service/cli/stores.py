@@ -1,4 +1,5 @@
-"""The stores a command-line tool works on, chosen by one rule (`STORE_RULE`), schema ensured."""
+"""The stores a command-line tool works on: the mode chosen by one rule (`STORE_RULE`), the
+stores of that mode opened by `service.adapters.wiring`, schema ensured."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -6,7 +7,7 @@ from typing import Final
 
 import typer
 
-from service.ports import AccessStore, ExplanationStore
+from service.adapters.wiring import Stores, describe_stores, embedded_store_exists
 from service.settings import Settings
 
 # Said in the help of every command that reads or writes the stores, and in the README.
@@ -27,36 +28,27 @@ def store_settings() -> Settings:
     is never created by the guess: then the command goes to Cassandra, the production default,
     and says what to do if Cassandra does not answer.
     """
-    from service.adapters.sqlite_store import DB_FILE
-
     settings = Settings()
     if {"mode", "cassandra"} & settings.model_fields_set:
         return settings
-    if (settings.data_dir / DB_FILE).is_file():
+    if embedded_store_exists(settings):
         return settings.model_copy(update={"mode": "embedded"})
     return settings
 
 
-def describe_store(settings: Settings) -> str:
-    """The store `settings` name, in a few words."""
-    if settings.mode == "kafka":
-        cassandra = settings.cassandra
-        return f"Cassandra at {cassandra.hosts}, keyspace {cassandra.keyspace}"
-    return f"the embedded store in {settings.data_dir}"
-
-
 @asynccontextmanager
-async def open_stores(settings: Settings) -> AsyncIterator[tuple[ExplanationStore, AccessStore]]:
+async def using_stores(settings: Settings) -> AsyncIterator[Stores]:
     """Cassandra (kafka mode) or the embedded SQLite file, with the access log on its connection.
 
     Says which on stderr; a store that cannot be reached, before or during the work, ends the
     command with one line saying what to do (exit 1).
     """
+    from service.adapters.wiring import open_stores
     from service.cli.preflight import reported
 
-    typer.echo(f"shapstream: using {describe_store(settings)}", err=True)
+    typer.echo(f"shapstream: using {describe_stores(settings)}", err=True)
     with reported(settings, hint=_OTHER_STORE[settings.mode]):
-        async with _opened(settings) as stores:
+        async with open_stores(settings) as stores:
             yield stores
 
 
@@ -68,31 +60,3 @@ _OTHER_STORE: Final = {
     ),
     "embedded": " For Cassandra instead, set SHAPSTREAM_MODE=kafka.",
 }
-
-
-@asynccontextmanager
-async def _opened(settings: Settings) -> AsyncIterator[tuple[ExplanationStore, AccessStore]]:
-    if settings.mode == "kafka":
-        from service.adapters.cassandra_access import CassandraAccessStore
-        from service.adapters.cassandra_store import CassandraStore
-
-        cassandra = await CassandraStore.from_settings(settings)
-        try:
-            await cassandra.migrate()
-            access: AccessStore = CassandraAccessStore(cassandra)
-            await access.migrate()
-            yield cassandra, access
-        finally:
-            await cassandra.close()
-        return
-    from service.adapters.sqlite_access import SqliteAccessStore
-    from service.adapters.sqlite_store import SqliteStore
-
-    sqlite = await SqliteStore.from_settings(settings)
-    try:
-        await sqlite.migrate()
-        access = SqliteAccessStore(sqlite)
-        await access.migrate()
-        yield sqlite, access
-    finally:
-        await sqlite.close()

@@ -23,11 +23,11 @@ from service.core.breaker import Guard
 from service.core.coalesce import Coalescer
 from service.core.engine.base import FloatMatrix
 from service.core.idempotency import RecentIds
+from service.core.ports import EventBus, ExplanationStore
 from service.core.records import Claim, DecisionEvent, ModelRef
 from service.core.registry import InvalidFeatures, LoadedModel, ModelRegistry, UnknownModel
 from service.errors import Conflict, FieldProblem, InvalidRequest, Overloaded, Unavailable
 from service.metrics import Metrics
-from service.ports import EventBus, ExplanationStore
 
 # Claims read per store request, and store requests in flight at most: a lone request goes at
 # once, and under load each carries the ids that arrived while the previous one was out.

@@ -26,7 +26,7 @@ from typing import Final
 from prometheus_client import Counter
 
 from service.core.access import AccessEntry, Action, to_millis
-from service.ports import AccessStore
+from service.core.ports import AccessStore
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 
 import numpy as np
 from numpy.typing import NDArray
@@ -12,7 +13,6 @@ from service.core.integrity import sealed, stored_attributions
 from service.core.reasons import decision_reasons, protected_share
 from service.core.records import DecisionEvent, DecisionRecord, MulticlassPrediction
 from service.core.registry import LoadedModel
-from service.core.schema import ModelSchema
 
 # The worst additivity error accepted, relative to max(1, |served margin|): float32 sums of
 # a few hundred trees stay near 1e-6, so anything this large means the event was not
@@ -20,12 +20,38 @@ from service.core.schema import ModelSchema
 MAX_ADDITIVITY_ERROR = 1e-3
 
 
+class DeadLetterReason(StrEnum):
+    """Why an event is set aside unexplained: a stable slug, the dead-letter header (Kafka) or
+    column (embedded) and the label of `shapstream_dead_letters_total`."""
+
+    # Not a decision event at all.
+    MALFORMED = "malformed"
+    # A later event under a transaction id already decided differently (workers/first_events.py).
+    CONFLICTING_ID = "conflicting-transaction-id"
+    # Neither the worker nor the store knows the model version the event names.
+    UNKNOWN_MODEL_VERSION = "unknown-model-version"
+    # The version is stored but does not load.
+    INVALID_MODEL = "invalid-model"
+    # The event was handed to a model of another version than the one that decided it.
+    MODEL_VERSION_MISMATCH = "model-version-mismatch"
+    # The served prediction does not fit the model (task, or classes).
+    PREDICTION_MISMATCH = "prediction-mismatch"
+    INVALID_FEATURES = "invalid-features"
+    # The attributions do not add up to the served margin: not scored by this model version.
+    ADDITIVITY_ERROR = "additivity-error"
+    # The engine raised on this event alone.
+    EXPLAIN_FAILED = "explain-failed"
+    # The store refused the explained record's content.
+    UNSTORABLE = "unstorable-record"
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """An event that cannot be explained, and why (it goes to the dead-letter topic)."""
+    """An event that cannot be explained: why (its dead-letter reason), and the details."""
 
     event: DecisionEvent
-    reason: str
+    reason: DeadLetterReason
+    detail: str
 
     @property
     def transaction_id(self) -> str:
@@ -48,15 +74,20 @@ def group_by_version(events: Sequence[DecisionEvent]) -> dict[str, list[Decision
     return groups
 
 
-def _served_margins(model: LoadedModel, event: DecisionEvent) -> list[float] | str:
+def _served_margins(model: LoadedModel, event: DecisionEvent) -> list[float] | Failure:
     """The margins the gateway served, in output order, or why they are unusable."""
+    if event.model.version != model.version:
+        detail = f"decided by version {event.model.version}, not {model.version}"
+        return Failure(event, DeadLetterReason.MODEL_VERSION_MISMATCH, detail)
     prediction = event.prediction
     if prediction.task != model.schema.task.value:
-        return f"a {prediction.task} prediction for a {model.schema.task.value} model"
+        detail = f"a {prediction.task} prediction for a {model.schema.task.value} model"
+        return Failure(event, DeadLetterReason.PREDICTION_MISMATCH, detail)
     if isinstance(prediction, MulticlassPrediction):
         by_class = prediction.margins_by_class
         if set(by_class) != set(model.schema.classes):
-            return "the prediction's classes differ from the model's"
+            detail = "the prediction's classes differ from the model's"
+            return Failure(event, DeadLetterReason.PREDICTION_MISMATCH, detail)
         return [by_class[label] for label in model.schema.classes]
     return prediction.margins
 
@@ -73,8 +104,8 @@ def explain_batch(
     usable, served = _usable(model, events, result.failures)
     batch = model.encode_batch([event.features for event in usable])
     for index, errors in batch.errors.items():
-        reason = "invalid features: " + "; ".join(f"{e.field}: {e.reason}" for e in errors)
-        result.failures.append(Failure(usable[index], reason))
+        detail = "; ".join(f"{e.field}: {e.reason}" for e in errors)
+        result.failures.append(Failure(usable[index], DeadLetterReason.INVALID_FEATURES, detail))
     if not batch.rows:
         return result
     contributions = engine.contributions(batch.x)
@@ -85,12 +116,13 @@ def explain_batch(
         tolerance = max_additivity_error * max(1.0, float(np.abs(served_rows[row]).max()))
         if error <= tolerance:
             record = _record(
-                model.schema, usable[index], contributions[row], error, engine.name, explained_at
+                model, usable[index], contributions[row], error, engine.name, explained_at
             )
             result.records.append(record)
         else:
-            reason = f"additivity error {error:.3g} exceeds {tolerance:.3g}"
-            result.failures.append(Failure(usable[index], reason))
+            detail = f"additivity error {error:.3g} exceeds {tolerance:.3g}"
+            failure = Failure(usable[index], DeadLetterReason.ADDITIVITY_ERROR, detail)
+            result.failures.append(failure)
     return result
 
 
@@ -101,14 +133,9 @@ def _usable(
     usable: list[DecisionEvent] = []
     served: list[list[float]] = []
     for event in events:
-        if event.model.version != model.version:
-            margins: list[float] | str = (
-                f"decided by version {event.model.version}, not {model.version}"
-            )
-        else:
-            margins = _served_margins(model, event)
-        if isinstance(margins, str):
-            failures.append(Failure(event, margins))
+        margins = _served_margins(model, event)
+        if isinstance(margins, Failure):
+            failures.append(margins)
         else:
             usable.append(event)
             served.append(margins)
@@ -116,7 +143,7 @@ def _usable(
 
 
 def _record(
-    schema: ModelSchema,
+    model: LoadedModel,
     event: DecisionEvent,
     contributions: NDArray[np.float64],
     error: float,
@@ -127,6 +154,7 @@ def _record(
     # Rounded to the float32 the stores keep before reasons and hash are derived from them,
     # so the record read back is the record hashed.
     attributions = stored_attributions(contributions[:, :-1])
+    schema = model.schema
     # Built without validation: every part comes validated (the event) or typed (numpy's
     # floats, the reasons), and validating ~25 fields again cost the worker ~15 us a record.
     record = DecisionRecord.model_construct(
@@ -139,6 +167,11 @@ def _record(
         attributions=attributions,
         additivity_error=error,
         engine=engine,
+        # The version hash pins the file; these say which framework's model it is, for whoever
+        # reads the record without the model at hand. An unknown version is None, never "": a
+        # CSV export cannot tell "" from null.
+        model_format=model.format,
+        framework_version=model.framework.framework_version or None,
         decided_at=event.decided_at,
         explained_at=explained_at,
         reasons=decision_reasons(schema, event.prediction, attributions, event.features),

@@ -12,12 +12,17 @@ UTF-8, keys sorted at every level) of this object:
       "attributions": [[float, ...], ...],          # each value rounded to float32 first
       "additivity_error": float,
       "engine": str,
+      "model_format": str,                          # left out when None (see below)
+      "framework_version": str,                     # left out when None
       "decided_at": "YYYY-MM-DDTHH:MM:SS.mmmZ",     # UTC, floored to the millisecond
       "explained_at": "YYYY-MM-DDTHH:MM:SS.mmmZ",
       "reasons": [{"family": str, "reason": str, "contribution": float,
                    "features": [str, ...]}, ...],  # in rank order
       "protected_share": float | null
     }
+
+`model_format` and `framework_version` were added later: a record stored before has neither
+(None), and its canonical form is exactly what its hash was computed over then.
 
 Floats are written by orjson in their shortest round-tripping form. Attributions and
 timestamps are taken at the precision the stores keep (float32, whole milliseconds), so a
@@ -72,6 +77,11 @@ def canonical_record(record: DecisionRecord) -> bytes:
         "reasons": [reason.model_dump(mode="json") for reason in record.reasons],
         "protected_share": record.protected_share,
     }
+    # Present only when recorded: records stored before these fields still hash as written.
+    if record.model_format is not None:
+        content["model_format"] = record.model_format
+    if record.framework_version is not None:
+        content["framework_version"] = record.framework_version
     return orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from service.core.access import MAX_KEY_LENGTH, ApiKey, Scope, hash_key, new_api_key, to_millis
 from service.core.breaker import Guard
+from service.core.ports import AccessStore
 from service.errors import Unavailable
-from service.ports import AccessStore
 
 # POST /v1/predictions is the hot path (a fraction of a millisecond of work): a store read per
 # request would cost more than the decision itself. A verified key is trusted for this long,

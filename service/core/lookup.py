@@ -4,8 +4,8 @@ import asyncio
 import time
 from typing import NamedTuple
 
+from service.core.ports import ExplanationStore
 from service.core.records import DecisionRecord
-from service.ports import ExplanationStore
 
 FIRST_POLL_S = 0.01
 MAX_POLL_S = 0.2

@@ -86,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     # xgboost imports scikit-learn when it is installed (a dev dependency here), which is most
     # of this child's start-up (0.8 s of 1.5 s measured); loading models needs none of it.
     sys.modules.setdefault("sklearn", None)  # type: ignore[arg-type]
-    from service.core.registry import ModelError, ModelRegistry, load_model_dirs, model_dirs
+    from service.core.formats.base import ModelError
+    from service.core.registry import ModelRegistry, load_model_dirs, model_dirs, named_default
 
     try:
         models = load_model_dirs(
             model_dirs(args.models_dir), before_each=lambda d: _say(loading=str(d))
         )
-        ModelRegistry(models, default_model=args.default)
+        ModelRegistry(models, default_model=named_default(args.models_dir, args.default))
     except (ModelError, OSError) as exc:
         _say(problem=str(exc))
         return 0

@@ -127,6 +127,11 @@ class DecisionRecord(Wire):
     are the principal reasons of a denial (empty otherwise); `protected_share` is the share
     of absolute attribution on protected features (None when the schema marks none);
     `record_hash` is `service.core.integrity.record_hash` of everything else.
+
+    `model_format` ("xgboost", "lightgbm", "sklearn") and `framework_version` (the version of
+    that framework that wrote the model file) name the framework whose model decided and was
+    explained. Both are None in records stored before they were kept; `framework_version`
+    alone is None when the model file does not say.
     """
 
     transaction_id: str
@@ -137,6 +142,8 @@ class DecisionRecord(Wire):
     attributions: list[list[float]]
     additivity_error: float
     engine: str
+    model_format: str | None
+    framework_version: str | None
     decided_at: datetime
     explained_at: datetime
     reasons: list[Reason]

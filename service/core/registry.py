@@ -2,7 +2,6 @@
 
 import asyncio
 import hashlib
-import itertools
 import logging
 import math
 from collections import OrderedDict
@@ -13,13 +12,20 @@ from typing import Any
 
 import numpy as np
 import orjson
-import xgboost as xgb
 from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from service.core.engine.base import FloatMatrix
-from service.core.engine.fast import FastPredictor, UnsupportedModel
-from service.core.model_file import InvalidModelFile, check_model_bytes
+from service.core.engine.fast import FastPredictor
+from service.core.formats.base import (
+    Forest,
+    FormatModel,
+    InvalidModel,
+    Link,
+    ModelError,
+    UnsupportedModel,
+)
+from service.core.formats.files import load_model_file
 from service.core.records import (
     BinaryPrediction,
     ModelArtifact,
@@ -37,17 +43,9 @@ log = logging.getLogger(__name__)
 _F32_MAX = float(np.finfo(np.float32).max)
 # Listing the allowed categories helps a caller fix a request; past this many it is noise.
 _MAX_LISTED_CATEGORIES = 12
-# Rows scored by both the native predictor and xgboost before the native one is trusted.
+# Rows scored by both the native predictor and the framework before the native one is trusted.
 _PROBE_ROWS = 384
 _MAX_PROBE_ROWS = 4096
-
-
-class ModelError(Exception):
-    """A model directory, artifact or version that cannot be served."""
-
-
-class InvalidModel(ModelError):
-    """The model file and schema do not form a servable model."""
 
 
 class UnknownModel(ModelError, LookupError):
@@ -99,59 +97,6 @@ def model_version(model_bytes: bytes, schema: ModelSchema) -> str:
     return digest.hexdigest()
 
 
-def load_booster(model_bytes: bytes) -> xgb.Booster:
-    """A booster from JSON or UBJ bytes, set to one thread (OpenMP oversubscription)."""
-    booster = xgb.Booster(model_file=bytearray(model_bytes))
-    booster.set_param({"nthread": 1})
-    return booster
-
-
-def booster_config(booster: xgb.Booster) -> dict[str, Any]:
-    """The booster's learner configuration (objective, class and target counts)."""
-    learner: dict[str, Any] = orjson.loads(booster.save_config())["learner"]
-    return learner
-
-
-def booster_json(booster: xgb.Booster) -> dict[str, Any]:
-    """The booster's model as a JSON document (``save_raw("json")``, parsed)."""
-    document: dict[str, Any] = orjson.loads(booster.save_raw("json"))
-    return document
-
-
-def booster_categories(
-    booster: xgb.Booster, model_json: dict[str, Any] | None = None
-) -> dict[str, tuple[str, ...]]:
-    """Categories the booster stored (xgboost >= 3.1, trained from a DataFrame), by feature.
-
-    The order is the training order, so a category's position is its code. Numeric
-    categories are given as their decimal text. `model_json` saves parsing the booster
-    again when the caller already has its `booster_json`.
-    """
-    if model_json is None:
-        model_json = booster_json(booster)
-    gradient_booster = model_json["learner"]["gradient_booster"]
-    # dart nests its trees one level deeper than gbtree.
-    trees = gradient_booster.get("gbtree", gradient_booster).get("model", {})
-    encodings = trees.get("cats", {}).get("enc", [])
-    names = booster.feature_names or [f"f{i}" for i in range(booster.num_features())]
-    found: dict[str, tuple[str, ...]] = {}
-    for name, enc in zip(names, encodings, strict=False):
-        values = enc.get("values", [])
-        if not values:
-            continue
-        if "offsets" in enc:
-            raw = bytes(values)
-            offsets = enc["offsets"]
-            found[name] = tuple(raw[a:b].decode("utf-8") for a, b in itertools.pairwise(offsets))
-        else:
-            found[name] = tuple(_number_label(v) for v in values)
-    return found
-
-
-def _number_label(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
 def _sigmoid(margin: float) -> float:
     # Split by sign so exp never overflows.
     if margin >= 0:
@@ -168,45 +113,11 @@ def _identity(margin: float) -> float:
     return margin
 
 
-# Objectives whose prediction is a known function of the single margin. Anything else
-# (ranking, survival, hinge, multi-target) is refused at load rather than guessed.
-_REGRESSION_LINKS: dict[str, Callable[[float], float]] = {
-    "reg:squarederror": _identity,
-    "reg:absoluteerror": _identity,
-    "reg:pseudohubererror": _identity,
-    "reg:quantileerror": _identity,
-    "reg:logistic": _sigmoid,
-    "count:poisson": _exp,
-    "reg:gamma": _exp,
-    "reg:tweedie": _exp,
+_LINKS: dict[Link, Callable[[float], float]] = {
+    Link.IDENTITY: _identity,
+    Link.SIGMOID: _sigmoid,
+    Link.EXP: _exp,
 }
-_BINARY_OBJECTIVES = frozenset({"binary:logistic", "binary:logitraw"})
-_MULTICLASS_OBJECTIVES = frozenset({"multi:softprob", "multi:softmax"})
-
-
-def check_objective(task: Task, objective: str, num_class: int, classes: int) -> None:
-    """Refuse a schema task the booster's objective does not support."""
-    if task is Task.BINARY and objective not in _BINARY_OBJECTIVES:
-        raise InvalidModel(f"objective {objective!r} is not a binary classifier")
-    if task is Task.REGRESSION and objective not in _REGRESSION_LINKS:
-        supported = ", ".join(sorted(_REGRESSION_LINKS))
-        raise InvalidModel(f"regression objective {objective!r} is not supported ({supported})")
-    if task is Task.MULTICLASS:
-        if objective not in _MULTICLASS_OBJECTIVES:
-            raise InvalidModel(f"objective {objective!r} is not a multiclass classifier")
-        if num_class != classes:
-            raise InvalidModel(f"the model has {num_class} classes, the schema names {classes}")
-
-
-def task_for_objective(objective: str) -> Task:
-    """The task an objective serves; raises InvalidModel for unsupported objectives."""
-    if objective in _BINARY_OBJECTIVES:
-        return Task.BINARY
-    if objective in _MULTICLASS_OBJECTIVES:
-        return Task.MULTICLASS
-    if objective in _REGRESSION_LINKS:
-        return Task.REGRESSION
-    raise InvalidModel(f"objective {objective!r} is not supported")
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,41 +148,8 @@ def _columns(schema: ModelSchema) -> tuple[_Column, ...]:
     return tuple(columns)
 
 
-def _check_features(schema: ModelSchema, booster: xgb.Booster, model_json: dict[str, Any]) -> None:
-    if booster.num_features() != len(schema.features):
-        raise InvalidModel(
-            f"the model has {booster.num_features()} features, the schema {len(schema.features)}"
-        )
-    if booster.feature_names is not None and booster.feature_names != schema.feature_names:
-        raise InvalidModel("feature names or order differ from the model's")
-    types = booster.feature_types or ["q"] * booster.num_features()
-    for feature, kind in zip(schema.features, types, strict=True):
-        if (kind == "c") != (feature.type is FeatureType.CATEGORICAL):
-            raise InvalidModel(f"{feature.name!r} is {kind!r} in the model")
-    stored = booster_categories(booster, model_json)
-    for feature in schema.features:
-        if feature.name in stored and stored[feature.name] != feature.categories:
-            raise InvalidModel(
-                f"categories of {feature.name!r} differ from the ones the model was trained "
-                "with (order matters: a position is a code)"
-            )
-
-
-def _check_objective(schema: ModelSchema, booster: xgb.Booster) -> None:
-    learner = booster_config(booster)
-    params = learner["learner_model_param"]
-    if int(params.get("num_target", "1")) != 1:
-        raise InvalidModel("multi-target models are not supported")
-    check_objective(
-        schema.task,
-        learner["objective"]["name"],
-        int(params.get("num_class", "0")),
-        len(schema.classes),
-    )
-
-
 class LoadedModel:
-    """One model version in memory: schema, booster, encoder and scorer."""
+    """One model version in memory: schema, the framework's model, encoder and scorer."""
 
     def __init__(self, schema: ModelSchema, model_bytes: bytes, *, source: str = "") -> None:
         """`source` names where the model file came from, in errors (default: the model's name)."""
@@ -281,29 +159,25 @@ class LoadedModel:
         self.version = model_version(model_bytes, schema)
         where = source or f"{schema.name}: the model file"
         try:
-            # xgboost's C++ aborts the process on some malformed files: they stop here.
-            check_model_bytes(model_bytes)
-            self.booster = load_booster(model_bytes)
-        except InvalidModelFile as exc:
+            self.framework: FormatModel = load_model_file(model_bytes)
+        except InvalidModel as exc:
             raise InvalidModel(f"{where} {exc}") from None
-        except xgb.core.XGBoostError as exc:
-            raise InvalidModel(f"{where} cannot be loaded by xgboost: {_first_line(exc)}") from None
         try:
-            # Parsed once per version: the schema checks and the native predictor share it.
-            model_json = booster_json(self.booster)
-            self._check_booster(model_json, source or schema.name)
-            self._check_scores(source or schema.name)
-            objective = booster_config(self.booster)["objective"]["name"]
-        except xgb.core.XGBoostError as exc:
-            # Loaded, yet xgboost refuses to use it (an intercept its objective cannot take).
-            raise InvalidModel(f"{where} is refused by xgboost: {_first_line(exc)}") from None
-        except ValueError as exc:  # xgboost wrote it back as JSON that does not parse
-            raise InvalidModel(f"{where} is not readable back from xgboost: {exc}") from None
+            self.framework.check_schema(schema)
+            self._check_scores()
+        except InvalidModel as exc:
+            raise InvalidModel(f"{source or schema.name}: {exc}") from None
         self._columns = _columns(schema)
         self._names = frozenset(schema.feature_names)
         self._n = len(schema.features)
-        self._link = _REGRESSION_LINKS.get(objective, _identity)
-        self.native: FastPredictor | None = self._native_predictor(model_json)
+        self._link = _LINKS.get(self.framework.link, _identity)
+        self._forest: Forest | UnsupportedModel | None = None
+        self.native: FastPredictor | None = self._native_predictor()
+
+    @property
+    def format(self) -> str:
+        """The framework that trained it ("xgboost", "lightgbm", "sklearn")."""
+        return self.framework.format
 
     @classmethod
     def from_directory(cls, path: Path) -> "LoadedModel":
@@ -352,30 +226,15 @@ class LoadedModel:
         """Margin columns per row (one per class for multiclass, else one)."""
         return self.schema.outputs
 
-    def _check_booster(self, model_json: dict[str, Any], where: str) -> None:
-        """Refuse a schema that does not describe this booster."""
-        try:
-            _check_features(self.schema, self.booster, model_json)
-            _check_objective(self.schema, self.booster)
-        except InvalidModel as exc:
-            raise InvalidModel(f"{where}: {exc}") from None
-
-    def _check_scores(self, where: str) -> None:
-        """Refuse a model xgboost loads but cannot score (say, an intercept its link refuses),
-        or that gives another number of margins a row than the schema's task: its every
-        request would fail."""
-        empty = np.full((1, self.booster.num_features()), np.nan, dtype=np.float32)
-        try:
-            margins = self.booster.inplace_predict(
-                empty, predict_type="margin", strict_shape=True, validate_features=False
-            )
-        except xgb.core.XGBoostError as exc:
+    def _check_scores(self) -> None:
+        """Refuse a model its framework loads but cannot score (say, an intercept its link
+        refuses), or that gives another number of margins a row than the schema's task: its
+        every request would fail."""
+        empty = np.full((1, self.framework.n_features), np.nan, dtype=np.float32)
+        margins = self.framework.predict_margins(empty)
+        if margins.size != self.outputs:
             raise InvalidModel(
-                f"{where}: xgboost cannot score with it: {_first_line(exc)}"
-            ) from None
-        if np.asarray(margins).size != self.outputs:
-            raise InvalidModel(
-                f"{where}: the model gives {np.asarray(margins).size} margins a row, a "
+                f"the model gives {margins.size} margins a row, a "
                 f"{self.schema.task.value} model {self.outputs}"
             )
 
@@ -430,45 +289,51 @@ class LoadedModel:
             raise InvalidFeatures([e for row in batch.errors.values() for e in row])
         return batch.x
 
-    def _native_predictor(self, model_json: dict[str, Any]) -> FastPredictor | None:
-        """The native margin predictor, if it reproduces the booster bit for bit.
+    def forest(self) -> Forest:
+        """The trees in the native engines' layout (built once); raises UnsupportedModel."""
+        if self._forest is None:
+            try:
+                self._forest = self.framework.forest()
+            except UnsupportedModel as exc:
+                self._forest = exc
+        if isinstance(self._forest, UnsupportedModel):
+            raise self._forest
+        return self._forest
 
-        Checked on synthetic rows (every category, unseen and invalid codes, NaN, values
-        on both sides of every split) against ``inplace_predict``; otherwise None, and
-        `predict_margins` keeps calling xgboost.
+    def _native_predictor(self) -> FastPredictor | None:
+        """The native margin predictor, if it reproduces the framework's bit for bit.
+
+        Checked on synthetic rows (every category, NaN, values on both sides of every split)
+        against the framework's own scoring; otherwise None, and `predict_margins` keeps
+        calling the framework.
         """
         where = f"{self.name}@{self.version[:12]}"
+        framework = self.framework.format
         try:
-            native = FastPredictor.from_json(model_json)
+            native = FastPredictor(self.forest())
             if native.n_outputs != self.outputs or native.n_features != self._n:
                 raise UnsupportedModel("its outputs or features differ from the schema's")
-            why = native.mismatch(self.booster, _probe_rows(self.schema, native))
-        except UnsupportedModel as exc:
+            probe = _probe_rows(self.schema, native)
+            why = native.mismatch(self.framework.predict_margins(probe), probe)
+        except (UnsupportedModel, InvalidModel) as exc:
             why = str(exc)
-        except xgb.core.XGBoostError as exc:  # xgboost refused a probe row
-            why = f"xgboost could not score the probe rows: {exc}"
         if why is not None:
-            log.warning("%s: scoring with xgboost, not the native predictor: %s", where, why)
+            log.warning("%s: scoring with %s, not the native predictor: %s", where, framework, why)
             return None
-        log.info("%s: scoring with the native predictor (bit-exact with xgboost)", where)
+        log.info("%s: scoring with the native predictor (bit-exact with %s)", where, framework)
         return native
 
     def predict_margins(self, x: FloatMatrix) -> NDArray[np.float64]:
         """Raw margins, shape (rows, outputs)."""
         native = self.native
         if native is not None:
-            # Bitwise identical to inplace_predict (checked at load), without xgboost's
-            # per-call overhead. TypeError: not a float32 matrix of the model's width.
+            # Bitwise identical to the framework's (checked at load), without its per-call
+            # overhead. TypeError: not a float32 matrix of the model's width.
             try:
                 return native.predict_margins(x)
             except TypeError:
                 pass
-        # inplace_predict reads category codes like a DMatrix does and is about 2x
-        # faster for one row (no DMatrix to build).
-        margins = self.booster.inplace_predict(
-            x, predict_type="margin", strict_shape=True, validate_features=False
-        )
-        return np.asarray(margins, dtype=np.float64).reshape(x.shape[0], self.outputs)
+        return self.framework.predict_margins(x)
 
     def prediction(self, margins: Sequence[float] | NDArray[np.floating[Any]]) -> AnyPrediction:
         """The served prediction for one row's margins."""
@@ -476,7 +341,8 @@ class LoadedModel:
         if schema.task is Task.BINARY:
             assert schema.decision is not None  # the schema validator guarantees it
             margin = float(margins[0])
-            probability = _sigmoid(margin)
+            # A log-odds margin, or (averaging forests) the probability itself.
+            probability = self._link(margin)
             deny = probability >= schema.decision.deny_at_or_above
             return BinaryPrediction(
                 probability=probability, margin=margin, decision="deny" if deny else "approve"
@@ -486,7 +352,9 @@ class LoadedModel:
             return RegressionPrediction(value=self._link(margin), margin=margin)
         values = [float(m) for m in margins]
         top = max(values)
-        weights = [math.exp(m - top) for m in values]
+        # Softmax of margins, or (averaging forests) the class probabilities themselves.
+        softmax = self.framework.link is Link.SOFTMAX
+        weights = [math.exp(m - top) for m in values] if softmax else values
         total = sum(weights)
         best = values.index(top)
         return MulticlassPrediction(
@@ -499,12 +367,6 @@ class LoadedModel:
         """Validate, encode and score one request."""
         row = self.encode(features)
         return self.prediction(self.predict_margins(row.reshape(1, -1))[0])
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's message on one line (xgboost's carry a C++ stack trace)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _errors(exc: ValidationError, limit: int = 3) -> str:
@@ -571,7 +433,7 @@ _ABSENT: Any = _Absent()
 
 
 def _encode_value(col: _Column, value: object) -> float | str:
-    """The float the booster reads for `value`, or why `value` is not acceptable."""
+    """The float the model reads for `value`, or why `value` is not acceptable."""
     if value is None:
         return math.nan if col.nullable else "must not be null"
     if value is _ABSENT:
@@ -619,24 +481,44 @@ def load_model_dirs(
     return models
 
 
+DEFAULT_MODEL_FILE = "default-model"
+
+
+def named_default(models_dir: Path, default_model: str | None) -> str | None:
+    """The default model the deployment names: `default_model` (SHAPSTREAM_DEFAULT_MODEL),
+    else the name in the models directory's `default-model` file, else none."""
+    if default_model is not None:
+        return default_model
+    try:
+        named = (models_dir / DEFAULT_MODEL_FILE).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidModel(f"{models_dir / DEFAULT_MODEL_FILE}: cannot be read: {exc}") from None
+    return named or None
+
+
 def default_model_of(names: Collection[str], default_model: str | None) -> str | None:
     """The model a request without `model` gets: the one named, else the only one served.
 
     Never the first by name: adding a model must not change where requests go. With more than
-    one model the default must be named (SHAPSTREAM_DEFAULT_MODEL), or NoDefaultModel.
+    one model the default must be named (SHAPSTREAM_DEFAULT_MODEL, or the models directory's
+    `default-model` file), or NoDefaultModel.
     """
     served = ", ".join(sorted(names)) or "none"
     if default_model is not None:
         if default_model not in names:
             raise UnknownModel(
-                f"SHAPSTREAM_DEFAULT_MODEL={default_model!r} is not a served model (served: "
-                f"{served})"
+                f"the default model {default_model!r} (SHAPSTREAM_DEFAULT_MODEL, else the "
+                f"models directory's {DEFAULT_MODEL_FILE} file) is not a served model "
+                f"(served: {served})"
             )
         return default_model
     if len(names) > 1:
         raise NoDefaultModel(
-            f"{len(names)} models are served ({served}) and SHAPSTREAM_DEFAULT_MODEL is not "
-            "set: set it to the model a request without `model` gets"
+            f"{len(names)} models are served ({served}) and none is named the default: set "
+            f"SHAPSTREAM_DEFAULT_MODEL, or write its name in the models directory's "
+            f"{DEFAULT_MODEL_FILE} file"
         )
     return next(iter(names), None)
 
@@ -673,7 +555,8 @@ class ModelRegistry:
         reads the log, so nothing is served and the error names each broken directory.
         """
         models = load_model_dirs(model_dirs(models_dir))
-        return cls(models, default_model=default_model, cache_size=cache_size)
+        default = named_default(models_dir, default_model)
+        return cls(models, default_model=default, cache_size=cache_size)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ModelRegistry":

@@ -2,6 +2,8 @@
 
 from datetime import datetime
 
+from pydantic import Field
+
 from service.core.records import DecisionRecord, Features, ModelRef, Prediction, Reason, Wire
 from service.core.schema import ModelSchema, Task
 
@@ -17,6 +19,14 @@ class ExplanationView(Wire):
     attributions: Attributions
     additivity_error: float
     engine: str
+    model_format: str | None = Field(
+        description='The framework of the model that decided: "xgboost", "lightgbm" or '
+        '"sklearn"; null for decisions explained before it was recorded.'
+    )
+    framework_version: str | None = Field(
+        description="The version of that framework that wrote the model file; null when the "
+        "file does not say, or for decisions explained before it was recorded."
+    )
     decided_at: datetime
     explained_at: datetime
     # The principal reasons of a denial (empty otherwise), ranked.
@@ -46,6 +56,8 @@ def explanation_view(record: DecisionRecord, schema: ModelSchema) -> Explanation
         attributions=attributions,
         additivity_error=record.additivity_error,
         engine=record.engine,
+        model_format=record.model_format,
+        framework_version=record.framework_version,
         decided_at=record.decided_at,
         explained_at=record.explained_at,
         reasons=record.reasons,

@@ -20,11 +20,10 @@ from service.core.export import (
     AuditExport,
     ExportFormat,
     ExportQuery,
-    ProblemKind,
     scan_versions,
     schemas_from,
-    verify,
 )
+from service.core.export_verify import ProblemKind, verify
 from service.core.integrity import sealed
 from service.core.records import BinaryPrediction, DecisionRecord, ModelRef
 from service.settings import CassandraSettings
@@ -94,6 +93,8 @@ def decision(n: int, version: str, decided_at: datetime) -> DecisionRecord:
             attributions=attributions(1, n),
             additivity_error=3.814697265625e-06,
             engine="pred_contribs",
+            model_format="xgboost",
+            framework_version="3.2.0",
             decided_at=decided_at,
             explained_at=decided_at + timedelta(milliseconds=38),
             reasons=REASONS if denied else [],

@@ -3,6 +3,7 @@
 import asyncio
 import uuid
 from collections.abc import Iterator
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -10,25 +11,30 @@ import pytest
 from cassandra.cluster import Session
 
 from service.adapters.cassandra_store import (
+    ADD_MODEL_FORMAT_COLUMNS,
     MAX_TTL_S,
+    SCHEMA,
     SELECT_STORAGE_MODE,
     CassandraStore,
     build_cluster,
     day_bucket,
     native_port,
     parse_hosts,
+    replication_map,
 )
-from service.adapters.record_codec import to_epoch_ms, utc_day
+from service.adapters.record_codec import to_columns, to_epoch_ms, utc_day
+from service.core.ports import ExplanationStore
 from service.core.records import DecisionRecord
 from service.errors import StoreUnavailable
-from service.ports import ExplanationStore
 from service.settings import CassandraSettings
 from tests.store_contract import (
     RETENTION,
     StoreContract,
     StoreFactory,
     binary_record,
+    check_brought_up_to_date,
     claim_for,
+    legacy_record,
     new_id,
 )
 
@@ -183,6 +189,51 @@ class TestCassandraStore(StoreContract):
         else:
             with pytest.raises(ValueError, match="storage_compatibility_mode"):
                 await CassandraStore.connect(settings, twenty_years)
+
+
+async def write_before_model_format(
+    cql: Session, settings: CassandraSettings, record: DecisionRecord
+) -> None:
+    """`record` in both decision tables, as a build before the model format column wrote it."""
+    columns = asdict(to_columns(record))
+    del columns["model_format"], columns["framework_version"]
+    columns["decided_at"] = columns.pop("decided_at_ms")
+    columns["explained_at"] = columns.pop("explained_at_ms")
+    by_day = {key: value for key, value in columns.items() if key != "model_version"}
+    by_day |= {
+        "model_version": record.model.version,
+        "day": utc_day(columns["decided_at"]),
+        "bucket": day_bucket(record.transaction_id, settings.day_buckets),
+    }
+    for table, values in (("decisions_by_txn", columns), ("decisions_by_day", by_day)):
+        await query(
+            cql,
+            f"INSERT INTO {settings.keyspace}.{table} ({', '.join(values)}) "
+            f"VALUES ({', '.join(['%s'] * len(values))})",
+            *values.values(),
+        )
+
+
+async def test_migrate_brings_a_keyspace_of_before_the_model_format_up_to_date(
+    settings: CassandraSettings, cql: Session
+) -> None:
+    """A keyspace made before records kept the model's format gets its columns from `migrate`
+    (`shapstream db migrate`); the rows it held read back as they were, and verify."""
+    older = settings.model_copy(update={"keyspace": f"test_older_{uuid.uuid4().hex[:16]}"})
+    store = await CassandraStore.connect(older, RETENTION)
+    try:
+        for statement in SCHEMA:
+            if statement not in ADD_MODEL_FORMAT_COLUMNS:
+                text = statement.format(keyspace=older.keyspace, replication=replication_map(older))
+                await asyncio.to_thread(cql.execute, text, timeout=120)
+        old = legacy_record(decided_at=datetime.now(UTC) - timedelta(minutes=5))
+        await write_before_model_format(cql, older, old)
+        await check_brought_up_to_date(store, old)
+    finally:
+        await store.close()
+        await asyncio.to_thread(
+            cql.execute, f"DROP KEYSPACE IF EXISTS {older.keyspace}", timeout=120
+        )
 
 
 def test_hosts_are_read_with_their_port() -> None:

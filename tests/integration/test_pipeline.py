@@ -1,9 +1,12 @@
 """The whole pipeline over real HTTP: gateway and worker processes, real Kafka and Cassandra.
 
-N predictions give N stored explanations, each equal to xgboost's own `pred_contribs` of the
-served model (computed here through pandas categoricals, an encoding path independent of the
-service's), for German credit rows, rows with missing values, and bring-your-own regression
-and multiclass models made into model directories with `shapstream model init`.
+N predictions give N stored explanations, each equal to the framework's own exact SHAP of the
+served model (xgboost's `pred_contribs` computed here through pandas categoricals, an encoding
+path independent of the service's; LightGBM's `pred_contrib`; for scikit-learn, served from a
+forest file without scikit-learn, the float64 TreeSHAP its format serves with, which the unit
+tests check against shap), for German credit rows in both shipped formats, rows with missing
+values, and bring-your-own regression and multiclass models of each format made into model
+directories with `shapstream model init`.
 """
 
 import asyncio
@@ -19,17 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import pytest
+import skops.io
 import xgboost as xgb
 from sklearn.datasets import load_diabetes, load_iris
+from sklearn.ensemble import RandomForestClassifier
 
 from service.adapters.cassandra_store import build_cluster
 from service.core.registry import LoadedModel
 from service.core.schema import FeatureType, Task
 from service.settings import CassandraSettings
-from tests.api_client import MODELS, bearer, create_key, german_rows, problem_fields
+from tests.api_client import MODELS, bearer, booster_of, create_key, german_rows, problem_fields
 from tests.decision_checks import assert_adverse_action
 
 SHAPSTREAM = str(Path(sys.executable).with_name("shapstream"))
@@ -60,7 +66,8 @@ def _free_port() -> int:
 
 
 def _train_byo_models(models_dir: Path, work: Path) -> None:
-    """A regression and a multiclass model, brought as plain XGBoost files."""
+    """A regression and a multiclass model in each format: XGBoost (JSON, UBJ), LightGBM (text,
+    regression) and scikit-learn (a .skops random forest, multiclass)."""
     diabetes = load_diabetes(as_frame=True)
     reg = xgb.train(
         {"objective": "reg:squarederror", "max_depth": 4, "nthread": 1, "seed": 0},
@@ -75,9 +82,20 @@ def _train_byo_models(models_dir: Path, work: Path) -> None:
         num_boost_round=30,
     )
     clf.save_model(work / "iris.ubj")
+    lgb.train(
+        {"objective": "regression", "max_depth": 4, "num_threads": 1, "seed": 0, "verbose": -1},
+        lgb.Dataset(diabetes.data, label=diabetes.target),
+        num_boost_round=40,
+    ).save_model(work / "diabetes.txt")
+    forest = RandomForestClassifier(n_estimators=20, max_depth=5, random_state=0, n_jobs=1)
+    # scikit-learn keeps the class labels it was fitted with: model init takes them.
+    labels = iris.target_names[iris.target]
+    skops.io.dump(forest.fit(iris.data, labels), work / "iris.skops")
     for name, source, extra in (
         ("diabetes", "diabetes.json", []),
         ("iris", "iris.ubj", ["--classes", "setosa,versicolor,virginica"]),
+        ("diabetes-lightgbm", "diabetes.txt", []),
+        ("iris-sklearn", "iris.skops", []),
     ):
         command = [SHAPSTREAM, "model", "init", str(work / source), str(models_dir / name)]
         subprocess.run(
@@ -112,7 +130,8 @@ def stack(
 ) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("pipeline")
     models_dir = work / "models"
-    shutil.copytree(MODELS / "german-credit", models_dir / "german-credit")
+    for shipped in ("german-credit", "german-credit-lightgbm"):
+        shutil.copytree(MODELS / shipped, models_dir / shipped)
     _train_byo_models(models_dir, work)
     run = uuid.uuid4().hex[:10]
     keyspace = f"pipeline_{run}"
@@ -158,7 +177,10 @@ def stack(
 
 
 def reference_contribs(model: LoadedModel, rows: list[dict[str, Any]]) -> np.ndarray:
-    """xgboost's `pred_contribs` via a frame of categorical dtypes: (rows, outputs, F+1)."""
+    """The framework's own exact SHAP, (rows, outputs, F+1); xgboost's `pred_contribs` via a
+    frame of categorical dtypes."""
+    if model.format != "xgboost":
+        return model.framework.reference_engine().contributions(model.encode_many(rows))
     columns: dict[str, Any] = {}
     for feature in model.schema.features:
         values = [row[feature.name] for row in rows]
@@ -170,7 +192,7 @@ def reference_contribs(model: LoadedModel, rows: list[dict[str, Any]]) -> np.nda
             )
     frame = pd.DataFrame(columns)
     matrix = xgb.DMatrix(frame, enable_categorical=True, nthread=1)
-    contribs = model.booster.predict(matrix, pred_contribs=True, strict_shape=True)
+    contribs = booster_of(model).predict(matrix, pred_contribs=True, strict_shape=True)
     return np.asarray(contribs, dtype=np.float64)
 
 
@@ -238,11 +260,14 @@ def _check_exact(
         assert e["additivity_error"] <= bound
 
 
-async def test_german_credit_decisions_are_explained_exactly(stack: Stack) -> None:
-    model = LoadedModel.from_directory(stack.models_dir / "german-credit")
+@pytest.mark.parametrize("name", ["german-credit", "german-credit-lightgbm"])
+async def test_german_credit_decisions_are_explained_exactly(stack: Stack, name: str) -> None:
+    model = LoadedModel.from_directory(stack.models_dir / name)
     plain = german_rows(120)
     rows = plain[:80] + _with_missing(plain[80:], seed=1, model=model)
-    found = await _decide_and_explain(stack, rows, None)
+    # The default model is the XGBoost demo: it is asked for by omitting `model`.
+    found = await _decide_and_explain(stack, rows, None if name == "german-credit" else name)
+    assert {(e["model_format"], e["model"]["name"]) for e in found} == {(model.format, name)}
     assert len({e["transaction_id"] for e in found}) == len(rows)
     _check_exact(model, rows, found)
     denied = [e for e in found if e["prediction"]["decision"] == "deny"]
@@ -252,16 +277,17 @@ async def test_german_credit_decisions_are_explained_exactly(stack: Stack) -> No
     assert all(e["reasons"] == [] for e in found if e["prediction"]["decision"] == "approve")
 
 
-@pytest.mark.parametrize("name", ["diabetes", "iris"])
+@pytest.mark.parametrize("name", ["diabetes", "iris", "diabetes-lightgbm", "iris-sklearn"])
 async def test_bring_your_own_models(stack: Stack, name: str) -> None:
     model = LoadedModel.from_directory(stack.models_dir / name)
-    data = (load_diabetes if name == "diabetes" else load_iris)(as_frame=True).data
+    data = (load_diabetes if name.startswith("diabetes") else load_iris)(as_frame=True).data
     data.columns = model.schema.feature_names
     rows = [{k: float(v) for k, v in r.items()} for r in data.head(40).to_dict("records")]
     rows[-5:] = _with_missing(rows[-5:], seed=2)
     found = await _decide_and_explain(stack, rows, name)
     _check_exact(model, rows, found)
-    if name == "iris":
+    assert {e["model_format"] for e in found} == {model.format}
+    if name.startswith("iris"):
         assert found[0]["prediction"]["class"] in {"setosa", "versicolor", "virginica"}
 
 

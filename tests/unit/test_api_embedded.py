@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import lightgbm
 import numpy as np
 import pytest
 import xgboost as xgb
@@ -12,6 +13,7 @@ import xgboost as xgb
 from service.core.registry import LoadedModel
 from tests.api_client import (
     MODELS,
+    booster_of,
     embedded_client,
     german_rows,
     problem_fields,
@@ -33,11 +35,11 @@ def pred_contribs(features: dict[str, Any]) -> np.ndarray:
     matrix = xgb.DMatrix(
         model.encode_many([features]),
         feature_names=model.schema.feature_names,
-        feature_types=model.booster.feature_types,
+        feature_types=booster_of(model).feature_types,
         enable_categorical=True,
         nthread=1,
     )
-    contribs: np.ndarray = model.booster.predict(matrix, pred_contribs=True)[0]
+    contribs: np.ndarray = booster_of(model).predict(matrix, pred_contribs=True)[0]
     return contribs
 
 
@@ -59,6 +61,31 @@ async def test_prediction_is_explained_exactly(client: httpx.AsyncClient) -> Non
     assert explanation["additivity_error"] <= 1e-4
     assert explanation["prediction"] == decision["prediction"]
     assert explanation["model"] == decision["model"]
+    # Which framework's model decided: the demo model, written by xgboost 3.2.0.
+    assert (explanation["model_format"], explanation["framework_version"]) == ("xgboost", "3.2.0")
+
+
+async def test_the_lightgbm_twin_is_explained_exactly_beside_it(
+    client: httpx.AsyncClient,
+) -> None:
+    """The second shipped model, a LightGBM one, served beside the XGBoost demo: its
+    explanation equals LightGBM's own pred_contrib, and its record says which framework."""
+    model = LoadedModel.from_directory(MODELS / "german-credit-lightgbm")
+    features = {**ROWS[5], "savings_account_and_bonds": None}
+    body = {"features": features, "model": model.name}
+    answer = await client.post("/v1/predictions", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"] == {"name": model.name, "version": model.version}
+    found = await client.get(f"/v1/explanations/{answer.json()['transaction_id']}?wait=10")
+    assert found.status_code == 200, found.text
+    explanation = found.json()
+    reference = model.framework.reference_engine().contributions(model.encode_many([features]))
+    names = model.schema.feature_names
+    ours = np.array([explanation["attributions"][n] for n in names] + [explanation["base_value"]])
+    assert np.max(np.abs(ours - reference[0, 0])) <= 1e-5
+    assert explanation["engine"] == "shapstream"
+    assert explanation["model_format"] == "lightgbm"
+    assert explanation["framework_version"] == lightgbm.__version__
 
 
 async def test_a_denial_carries_its_reasons(client: httpx.AsyncClient) -> None:
@@ -153,8 +180,11 @@ async def test_unknown_explanation_is_404(client: httpx.AsyncClient) -> None:
 
 async def test_models_health_and_metrics(client: httpx.AsyncClient) -> None:
     models = (await client.get("/v1/models")).json()["models"]
-    assert [m["name"] for m in models] == ["german-credit"]
-    assert models[0]["default"] is True
+    # The shipped models directory: the XGBoost demo (the default) and its LightGBM twin.
+    assert [(m["name"], m["default"]) for m in models] == [
+        ("german-credit", True),
+        ("german-credit-lightgbm", False),
+    ]
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     ready = (await client.get("/readyz")).json()
     assert (ready["status"], ready["spooling"], ready["store"]) == ("ready", False, "up")

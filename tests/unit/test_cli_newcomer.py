@@ -62,7 +62,6 @@ READ_NO_SETTINGS = {
     ("audit", "verify"),
     ("model", "init"),
     ("model", "train-demo"),
-    ("bench", "engine"),
 }
 
 
@@ -132,7 +131,7 @@ def test_flags_take_no_value_in_help(path: tuple[str, ...]) -> None:
 
 
 def test_a_boolean_option_is_a_plain_flag() -> None:
-    assert re.search(r"--json\s+Print one JSON object", _help(("bench", "engine")))
+    assert re.search(r"--force\s+Overwrite --out if it exists", _help(("audit", "export")))
 
 
 def test_every_command_is_checked_for_the_settings_it_names() -> None:

@@ -9,9 +9,10 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from service.cli.model import model_app
-from service.core import demo
 from service.core.registry import LoadedModel
 from service.core.schema import SCHEMA_FILE, FeatureType, Task
+from service.tools import demo
+from tests.api_client import booster_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "models" / "german-credit"
@@ -85,7 +86,7 @@ def test_held_out_auc(model: LoadedModel) -> None:
     assert not set(train) & set(test)
     assert len(test) == 200
     assert y[test].mean() == pytest.approx(0.3)
-    scores = model.booster.predict(xgb.DMatrix(frame.iloc[test], enable_categorical=True))
+    scores = booster_of(model).predict(xgb.DMatrix(frame.iloc[test], enable_categorical=True))
     auc = roc_auc_score(y[test], scores)
     assert demo.auc(y[test], scores) == pytest.approx(auc)
     assert auc > 0.74

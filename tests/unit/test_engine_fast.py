@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 
 from service.core.engine.base import Engine
-from service.core.engine.fast import FastTreeShap, UnsupportedModel
+from service.core.engine.fast import FastTreeShap
+from service.core.formats.base import Forest, UnsupportedModel
+from service.core.formats.xgboost import forest_from_json
 
 TOLERANCE = 1e-5
 GERMAN_CREDIT = Path(__file__).resolve().parents[2] / "data" / "german_credit.csv"
@@ -107,6 +109,14 @@ def _train(case: Case) -> tuple[xgb.Booster, list[str], NDArray[np.float32]]:
     return booster, types, np.ascontiguousarray(np.vstack([x, probe]))
 
 
+def _forest(booster: xgb.Booster) -> Forest:
+    return forest_from_json(json.loads(bytes(booster.save_raw("json"))))
+
+
+def _engine(booster: xgb.Booster, dmax: int = 12) -> FastTreeShap:
+    return FastTreeShap(_forest(booster), dmax=dmax)
+
+
 def _pred_contribs(
     booster: xgb.Booster, x: NDArray[np.float32], types: list[str] | None
 ) -> NDArray[np.float64]:
@@ -124,7 +134,7 @@ def _pred_contribs(
 @given(case=cases())
 def test_matches_pred_contribs(case: Case) -> None:
     booster, types, x = _train(case)
-    engine = FastTreeShap.from_booster(booster, dmax=case.dmax)
+    engine = _engine(booster, dmax=case.dmax)
     ours = engine.contributions(x)
     theirs = _pred_contribs(booster, x, types)
     assert ours.shape == theirs.shape == (len(x), case.n_classes, case.n_features + 1)
@@ -135,7 +145,7 @@ def test_matches_pred_contribs(case: Case) -> None:
 def test_is_an_engine_and_batches_are_independent() -> None:
     case = Case("binary:logistic", 1, 6, 20, 6, 300, 0.1, (1,), 5, 1, 1.0, 12, 7)
     booster, _, x = _train(case)
-    engine: Engine = FastTreeShap.from_booster(booster)
+    engine: Engine = _engine(booster)
     assert engine.name == "shapstream"
     whole = engine.contributions(x)
     one_by_one = np.concatenate([engine.contributions(x[i : i + 1]) for i in range(len(x))])
@@ -148,7 +158,7 @@ def test_is_an_engine_and_batches_are_independent() -> None:
 def test_expected_value_and_additivity() -> None:
     case = Case("multi:softprob", 3, 4, 5, 5, 150, 0.1, (), 2, 1, 1.0, 12, 3)
     booster, _, x = _train(case)
-    engine = FastTreeShap.from_booster(booster)
+    engine = _engine(booster)
     phi = engine.contributions(x)
     np.testing.assert_allclose(phi[:, :, -1], np.broadcast_to(engine.expected_value, (len(x), 3)))
     margin = booster.predict(xgb.DMatrix(x, missing=np.nan), output_margin=True)
@@ -160,7 +170,7 @@ def test_expected_value_and_additivity() -> None:
 def test_rejects_wrong_width() -> None:
     case = Case("reg:squarederror", 1, 3, 2, 4, 50, 0.0, (), 2, 1, 1.0, 12, 1)
     booster, _, _ = _train(case)
-    engine = FastTreeShap.from_booster(booster)
+    engine = _engine(booster)
     with pytest.raises(ValueError, match="shape"):
         engine.contributions(np.zeros((3, 5), dtype=np.float32))
 
@@ -183,12 +193,12 @@ def test_unsupported_models_raise(params: dict[str, Any]) -> None:
         y = np.column_stack([y, -y])
     booster = xgb.train({"nthread": 1, **params}, xgb.DMatrix(x, y), 3)
     with pytest.raises(UnsupportedModel):
-        FastTreeShap.from_booster(booster)
+        _engine(booster)
 
 
 def test_rejects_garbage() -> None:
     with pytest.raises(UnsupportedModel):
-        FastTreeShap.from_booster(object())
+        forest_from_json({"learner": []})
 
 
 # ----------------------------------------------------------------- German credit data
@@ -231,7 +241,7 @@ def test_german_credit(depth: int, trees: int, onehot: int) -> None:
         "eta": 0.1,
     }
     booster = xgb.train(params, xgb.DMatrix(frame, label=y, enable_categorical=True), trees)
-    engine = FastTreeShap.from_booster(booster)
+    engine = _engine(booster)
     ours = engine.contributions(x)
     theirs = _pred_contribs(booster, x, types)
     assert ours.shape == (len(x), 1, 21)
@@ -297,20 +307,21 @@ def test_zero_and_tiny_covers_match_brute_force() -> None:
     rows = x[:12]
     expected = _brute_force(model, rows) + np.array([0.0] * 4 + [_base(model)])
     for dmax in (12, 0):
-        got = FastTreeShap(model, dmax=dmax).contributions(rows)[:, 0, :]
+        got = FastTreeShap(forest_from_json(model), dmax=dmax).contributions(rows)[:, 0, :]
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
 
 
 def _base(model: dict[str, Any]) -> float:
+    """The intercept as xgboost adds it: the stored base_score in float32."""
     text = str(model["learner"]["learner_model_param"]["base_score"])
-    return float(text.strip("[]"))
+    return float(np.float32(text.strip("[]")))
 
 
 def test_deep_trees_with_many_features() -> None:
     case = Case("reg:squarederror", 1, 10, 3, 12, 3000, 0.05, (3,), 9, 1, 0.0, 12, 5)
     booster, types, x = _train(case)
     for dmax in (12, 5):
-        engine = FastTreeShap.from_booster(booster, dmax=dmax)
+        engine = _engine(booster, dmax=dmax)
         assert engine.stats.leaves > 300
         theirs = _pred_contribs(booster, x, types)
         np.testing.assert_allclose(engine.contributions(x), theirs, rtol=0, atol=TOLERANCE)
@@ -320,7 +331,7 @@ def test_vector_and_scalar_kernels_agree(monkeypatch: pytest.MonkeyPatch) -> Non
     case = Case("multi:softprob", 3, 7, 6, 9, 400, 0.1, (0, 4), 11, 4, 0.0, 12, 21)
     booster, _, x = _train(case)
     for dmax in (12, 2):
-        engine = FastTreeShap.from_booster(booster, dmax=dmax)
+        engine = _engine(booster, dmax=dmax)
         vector = engine.contributions(x)
         monkeypatch.setenv("SHAPSTREAM_NO_SIMD", "1")
         scalar = engine.contributions(x)

@@ -11,10 +11,10 @@ import pytest
 import xgboost as xgb
 
 from service.core.engine.base import Engine
-from service.core.engine.pred_contribs import PredContribs
-from service.core.explain import explain_batch, group_by_version
+from service.core.explain import DeadLetterReason, explain_batch, group_by_version
 from service.core.records import BinaryPrediction, DecisionEvent, ModelRef
 from service.core.registry import LoadedModel
+from tests.api_client import booster_of
 
 ROOT = Path(__file__).resolve().parents[2]
 DECIDED = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -28,7 +28,7 @@ def model() -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def engine(model: LoadedModel) -> Engine:
-    return PredContribs(model.booster)
+    return model.framework.reference_engine()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def decide(model: LoadedModel, rows: list[dict[str, Any]]) -> list[DecisionEvent
 def reference(model: LoadedModel, frame: pd.DataFrame) -> np.ndarray[Any, Any]:
     """xgboost's own TreeSHAP from the DataFrame, the way data scientists call it."""
     matrix = xgb.DMatrix(frame, enable_categorical=True)
-    values: np.ndarray[Any, Any] = model.booster.predict(matrix, pred_contribs=True)
+    values: np.ndarray[Any, Any] = booster_of(model).predict(matrix, pred_contribs=True)
     return values
 
 
@@ -80,6 +80,8 @@ def test_batch_equals_pred_contribs_on_the_dataframe(
         assert record.prediction == event.prediction
         assert record.additivity_error < 1e-5
         assert record.engine == "pred_contribs"
+        # The framework, and its version that wrote models/german-credit/model.json.
+        assert (record.model_format, record.framework_version) == ("xgboost", "3.2.0")
         assert (record.decided_at, record.explained_at) == (DECIDED, EXPLAINED)
     # The base value is the bias column, the same for every row.
     assert len({r.base_value[0] for r in result.records}) == 1
@@ -116,11 +118,16 @@ def test_bad_events_fail_alone(model: LoadedModel, engine: Engine, frame: pd.Dat
     result = explain_batch(model, engine, events, EXPLAINED)
     assert [r.transaction_id for r in result.records] == ["txn-0", "txn-3", "txn-5"]
     reasons = {f.transaction_id: f.reason for f in result.failures}
-    assert reasons.keys() == {"txn-1", "txn-2", "txn-4"}
-    assert "housing: unknown category" in reasons["txn-1"]
-    assert "age_in_years: must be a number" in reasons["txn-1"]
-    assert reasons["txn-2"].startswith("additivity error 0.5")
-    assert "f" * 64 in reasons["txn-4"]
+    assert reasons == {
+        "txn-1": DeadLetterReason.INVALID_FEATURES,
+        "txn-2": DeadLetterReason.ADDITIVITY_ERROR,
+        "txn-4": DeadLetterReason.MODEL_VERSION_MISMATCH,
+    }
+    details = {f.transaction_id: f.detail for f in result.failures}
+    assert "housing: unknown category" in details["txn-1"]
+    assert "age_in_years: must be a number" in details["txn-1"]
+    assert details["txn-2"].startswith("additivity error 0.5")
+    assert "f" * 64 in details["txn-4"]
 
 
 def test_a_batch_of_only_bad_events_calls_no_engine(

@@ -4,7 +4,7 @@ import asyncio
 import hashlib
 import random
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,12 +22,10 @@ from service.core.export import (
     AuditExport,
     ExportFormat,
     ExportQuery,
-    ProblemKind,
-    VerifyReport,
     scan_versions,
     schemas_from,
-    verify,
 )
+from service.core.export_verify import ProblemKind, VerifyReport, verify
 from service.core.integrity import sealed
 from service.core.records import BinaryPrediction, DecisionRecord, ModelArtifact
 from service.core.schema import ModelSchema, Task
@@ -44,6 +42,7 @@ from tests.store_contract import (
     CLASSES,
     RETENTION,
     binary_record,
+    legacy_record,
     multiclass_record,
     with_version,
 )
@@ -53,6 +52,8 @@ MULTICLASS = "sha256:" + "c" * 64
 START = datetime(2026, 3, 2, tzinfo=UTC)
 END = START + timedelta(days=2)
 BINARY_ROWS, MULTICLASS_ROWS = 30, 4
+# Exports made by the release before records kept the model's format (shapstream-audit/1).
+BEFORE_MODEL_FORMAT = Path(__file__).resolve().parents[1] / "data"
 Named = set[tuple[int | None, str | None, ProblemKind]]
 
 
@@ -76,9 +77,15 @@ def approved(record: DecisionRecord) -> DecisionRecord:
 
 
 def decisions() -> list[DecisionRecord]:
-    """Denials and approvals over two UTC days, and a few multiclass decisions."""
+    """Denials and approvals over two UTC days, and a few multiclass decisions; every fifth
+    binary one stored before records kept the model's format."""
     binary = [
-        with_version(binary_record(n, decided_at=START + timedelta(minutes=97 * n)), BINARY)
+        with_version(
+            (legacy_record if n % 5 == 0 else binary_record)(
+                n, decided_at=START + timedelta(minutes=97 * n)
+            ),
+            BINARY,
+        )
         for n in range(BINARY_ROWS)
     ]
     binary = [approved(r) if n % 2 == 0 else r for n, r in enumerate(binary)]
@@ -162,23 +169,40 @@ async def test_an_export_verifies(
     assert [list(row) for row in rows] == [list(FIELDS)] * len(rows)
     binary = next(row for row in rows if row["model_version"] == BINARY)
     assert list(binary["attributions"]) == german_schema().feature_names
+    provenance = {(row["model_format"], row["framework_version"]) for row in rows}
+    assert provenance == {("xgboost", "3.0.2"), (None, None)}
     multiclass = next(row for row in rows if row["model_version"] == MULTICLASS)
     assert list(multiclass["attributions"]) == list(CLASSES)
     assert list(multiclass["base_value"]) == list(CLASSES)
 
 
+def probability_digit(line: bytes) -> bytes:
+    """The first decimal of the probability: still a valid number, now a different one."""
+    changed = bytearray(line)
+    digit = changed.index(b".", changed.index(b"probability")) + 1
+    changed[digit] = ord(str((int(chr(changed[digit])) + 1) % 10))
+    return bytes(changed)
+
+
+def model_format(line: bytes) -> bytes:
+    """Another framework named as the one whose model decided."""
+    return line.replace(b"xgboost", b"lightgbm", 1)
+
+
+@pytest.mark.parametrize("change", [probability_digit, model_format], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("export_format", list(ExportFormat))
-async def test_one_changed_byte_is_named(
-    store: SqliteStore, tmp_path: Path, export_format: ExportFormat
+async def test_one_changed_value_is_named(
+    store: SqliteStore,
+    tmp_path: Path,
+    export_format: ExportFormat,
+    change: Callable[[bytes], bytes],
 ) -> None:
     path = await export_file(store, tmp_path / f"audit.{export_format}", export_format)
     lines = path.read_bytes().splitlines(keepends=True)
-    target = 7  # 0-based line index: a row in both formats
-    line = bytearray(lines[target])
-    # The first decimal of the probability: still a valid number, now a different one.
-    digit = line.index(b".", line.index(b"probability")) + 1
-    line[digit] = ord(str((int(chr(line[digit])) + 1) % 10))
-    lines[target] = bytes(line)
+    target = 7  # 0-based line index: a row in both formats, of a record with its model format
+    changed = change(lines[target])
+    assert changed != lines[target]
+    lines[target] = changed
     path.write_bytes(b"".join(lines))
 
     report = verify(path)
@@ -187,6 +211,35 @@ async def test_one_changed_byte_is_named(
     (problem,) = [p for p in report.problems if p.line is not None]
     assert problem.transaction_id is not None
     assert problem.transaction_id in lines[target].decode()
+
+
+async def test_a_row_without_the_model_format_is_named(store: SqliteStore, tmp_path: Path) -> None:
+    """A row made to look like one of the format before, in a file of the format after."""
+    path = await export_file(store, tmp_path / "audit.jsonl")
+    lines = path.read_bytes().splitlines(keepends=True)
+    row = orjson.loads(lines[7])
+    del row["model_format"], row["framework_version"]
+    lines[7] = orjson.dumps(row) + b"\n"
+    path.write_bytes(b"".join(lines))
+    assert named(verify(path)) == {(8, row["transaction_id"], ProblemKind.ALTERED)}
+
+
+@pytest.mark.parametrize("name", ["audit-v1.jsonl", "audit-v1.csv"])
+def test_an_export_made_before_the_model_format_still_verifies(name: str, tmp_path: Path) -> None:
+    """Rows without model_format and framework_version, record hashes computed without them."""
+    report = verify(BEFORE_MODEL_FORMAT / name)
+    assert report.ok, [str(p) for p in report.problems]
+    assert report.rows == 3
+    assert report.manifest is not None
+    assert report.manifest["format"] == "shapstream-audit/1"
+    # Still checked row by row: a changed byte is named.
+    lines = (BEFORE_MODEL_FORMAT / name).read_bytes().splitlines(keepends=True)
+    lines[-2] = lines[-2].replace(b"pred_contribs", b"pred_contribz")
+    changed = tmp_path / name
+    changed.write_bytes(b"".join(lines))
+    assert {(line, kind) for line, _, kind in named(verify(changed))} == {
+        (len(lines) - 1, ProblemKind.ALTERED)
+    }
 
 
 async def test_a_removed_row_is_named(store: SqliteStore, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -13,9 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from service.core.engine import fast
-from service.core.engine.fast import FastPredictor, UnsupportedModel
-from service.core.registry import InvalidModel, LoadedModel, load_booster
+from service.core.engine.fast import FastPredictor
+from service.core.formats import xgboost as xgboost_format
+from service.core.formats.base import Forest, InvalidModel, UnsupportedModel
+from service.core.formats.xgboost import forest_from_json
+from service.core.registry import LoadedModel
 from service.core.schema import DecisionRule, Feature, FeatureType, ModelSchema, Task
 from tests.api_client import MODELS, german_rows
 
@@ -41,6 +44,15 @@ def xgb_margins(booster: xgb.Booster, x: NDArray[np.float32]) -> NDArray[np.floa
         x, predict_type="margin", strict_shape=True, validate_features=False
     )
     return np.asarray(margins, dtype=np.float32).reshape(len(x), -1)
+
+
+def forest_of(booster: xgb.Booster) -> Forest:
+    return forest_from_json(json.loads(bytes(booster.save_raw("json"))))
+
+
+def framework_margins(model: LoadedModel, x: NDArray[np.float32]) -> NDArray[np.float32]:
+    """xgboost's own margins (float32 values) through the model's format."""
+    return model.framework.predict_margins(x).astype(np.float32)
 
 
 def assert_bitwise_equal(ours: NDArray[np.float64], theirs: NDArray[np.float32]) -> None:
@@ -149,8 +161,9 @@ def _train(case: Case) -> tuple[xgb.Booster, NDArray[np.float32]]:
         x, label=_labels(case, x, rng), feature_types=types, enable_categorical=True
     )
     trained = xgb.train(params, dtrain, num_boost_round=case.trees)
-    # As the registry loads it: from the saved bytes.
-    booster = load_booster(bytes(trained.save_raw("json")))
+    # As the registry loads it: from the saved bytes, one thread.
+    booster = xgb.Booster(model_file=bytearray(trained.save_raw("json")))
+    booster.set_param({"nthread": 1})
     probe = _data(case, rng, 80)
     for j in range(case.n_cat):  # unseen, invalid and fractional categories
         k = case.n_categories
@@ -166,7 +179,7 @@ def _on_the_splits(native: FastPredictor, x: NDArray[np.float32]) -> NDArray[np.
     """Rows whose numerical values sit exactly on, just below and just above a split."""
     rows = np.repeat(x[:1], 3 * 8, axis=0)
     for j in range(x.shape[1]):
-        splits = native.split_values(j)[:8]
+        splits = native.split_values(j)[:8].astype(np.float32)  # xgboost's are float32
         if len(splits) == 0:
             continue
         below = np.nextafter(splits, np.float32(-np.inf))
@@ -185,7 +198,7 @@ def _on_the_splits(native: FastPredictor, x: NDArray[np.float32]) -> NDArray[np.
 @given(case=cases())
 def test_margins_are_bitwise_equal_to_inplace_predict(case: Case) -> None:
     booster, x = _train(case)
-    native = FastPredictor.from_booster(booster)
+    native = FastPredictor(forest_of(booster))
     assert native.n_outputs == case.n_classes
     x = np.vstack([x, _on_the_splits(native, x)])
     expected = xgb_margins(booster, x)
@@ -193,7 +206,7 @@ def test_margins_are_bitwise_equal_to_inplace_predict(case: Case) -> None:
     # Row blocks and single rows give the same bits.
     for i in (0, 1, 63, 64, len(x) - 1):
         assert_bitwise_equal(native.predict_margins(x[i : i + 1]), expected[i : i + 1])
-    assert native.mismatch(booster, x) is None
+    assert native.mismatch(expected.astype(np.float64), x) is None
 
 
 def test_intercept_is_xgboosts_margin() -> None:
@@ -208,16 +221,17 @@ def test_intercept_is_xgboosts_margin() -> None:
         for score in scores:
             params = {"objective": objective, "base_score": score, "nthread": 1}
             booster = xgb.train(params, xgb.DMatrix(x, y), 0)
-            native = FastPredictor.from_booster(booster)
+            forest = forest_of(booster)
+            native = FastPredictor(forest)
             assert_bitwise_equal(native.predict_margins(x), xgb_margins(booster, x))
-            np.testing.assert_array_equal(native.base_margin, xgb_margins(booster, x)[0])
+            assert_bitwise_equal(forest.base[None, :], xgb_margins(booster, x)[:1])
 
 
 def test_unfitted_intercept_is_not_linked() -> None:
     # No trees and no base_score given: xgboost keeps its 0.5 placeholder unlinked.
     x = np.zeros((1, 1), dtype=np.float32)
     booster = xgb.train({"objective": "count:poisson"}, xgb.DMatrix(x, [1.0]), 0)
-    native = FastPredictor.from_booster(booster)
+    native = FastPredictor(forest_of(booster))
     assert_bitwise_equal(native.predict_margins(x), np.array([[0.5]], dtype=np.float32))
     assert_bitwise_equal(native.predict_margins(x), xgb_margins(booster, x))
 
@@ -225,7 +239,7 @@ def test_unfitted_intercept_is_not_linked() -> None:
 def test_input_layouts() -> None:
     case = Case("multi:softprob", 3, 4, 9, 5, 150, 0.1, 1, 6, 1, 0.3, None, 11)
     booster, x = _train(case)
-    native = FastPredictor.from_booster(booster)
+    native = FastPredictor(forest_of(booster))
     expected = xgb_margins(booster, x)
     assert_bitwise_equal(native.predict_margins(np.asfortranarray(x)), expected)
     assert_bitwise_equal(native.predict_margins(x[::2]), expected[::2])
@@ -251,7 +265,7 @@ def test_demo_model_every_row(demo: LoadedModel) -> None:
     rows = german_rows()
     x = demo.encode_many(rows)
     assert len(x) == 1000
-    expected = xgb_margins(demo.booster, x)
+    expected = framework_margins(demo, x)
     assert_bitwise_equal(demo.predict_margins(x), expected)
     for i in range(len(x)):
         one = demo.encode(rows[i]).reshape(1, -1)
@@ -269,12 +283,12 @@ def test_demo_model_with_nulls(demo: LoadedModel) -> None:
                 row[name] = None
     x = demo.encode_many(rows)
     assert np.isnan(x).any()
-    assert_bitwise_equal(demo.predict_margins(x), xgb_margins(demo.booster, x))
+    assert_bitwise_equal(demo.predict_margins(x), framework_margins(demo, x))
 
 
 def test_other_dtypes_go_to_xgboost(demo: LoadedModel) -> None:
     x = demo.encode_many(german_rows(50))
-    expected = xgb_margins(demo.booster, x)
+    expected = framework_margins(demo, x)
     assert_bitwise_equal(demo.predict_margins(x.astype(np.float64)), expected)
     assert_bitwise_equal(demo.predict_margins(np.asfortranarray(x)), expected)
 
@@ -304,12 +318,12 @@ def _small_booster(params: dict[str, Any], rounds: int = 3) -> xgb.Booster:
 )
 def test_unsupported_models_raise(params: dict[str, Any]) -> None:
     with pytest.raises(UnsupportedModel):
-        FastPredictor.from_booster(_small_booster(params))
+        FastPredictor(forest_of(_small_booster(params)))
 
 
 def test_rejects_garbage() -> None:
     with pytest.raises(UnsupportedModel):
-        FastPredictor.from_booster(object())
+        forest_from_json({"learner": []})
 
 
 def _binary_schema(n_features: int) -> ModelSchema:
@@ -346,15 +360,17 @@ def test_registry_falls_back_for_unsupported_boosters(
     margins = model.predict_margins(x)
     assert margins.dtype == np.float64
     assert margins.shape == (30, 1)
-    assert_bitwise_equal(margins, xgb_margins(model.booster, x))
-    assert_bitwise_equal(model.predict_margins(x[:1]), xgb_margins(model.booster, x[:1]))
+    assert_bitwise_equal(margins, framework_margins(model, x))
+    assert_bitwise_equal(model.predict_margins(x[:1]), framework_margins(model, x[:1]))
 
 
 def test_registry_falls_back_when_bits_differ(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A wrong intercept link makes every margin differ: the load-time check must notice.
-    monkeypatch.setitem(fast._PREDICT_LINKS, "binary:logistic", 0)
+    monkeypatch.setattr(
+        xgboost_format, "intercept_margin", lambda objective, score: float(np.float32(score))
+    )
     with caplog.at_level(logging.INFO, logger=REGISTRY_LOGGER):
         model = LoadedModel.from_directory(DEMO_DIR)
     assert model.native is None
@@ -362,7 +378,7 @@ def test_registry_falls_back_when_bits_differ(
     assert len(notes) == 1
     assert "differ" in notes[0]
     x = model.encode_many(german_rows(20))
-    assert_bitwise_equal(model.predict_margins(x), xgb_margins(model.booster, x))
+    assert_bitwise_equal(model.predict_margins(x), framework_margins(model, x))
 
 
 def test_registry_logs_the_native_path_once(caplog: pytest.LogCaptureFixture) -> None:

@@ -11,7 +11,6 @@ import orjson
 import pytest
 
 from service.adapters.sqlite_store import DB_FILE, SqliteStore
-from service.core.engine.pred_contribs import PredContribs
 from service.core.explain import explain_batch
 from service.core.integrity import canonical_record, record_hash, sealed, verify_record
 from service.core.records import (
@@ -31,6 +30,15 @@ DECIDED = datetime(2025, 3, 4, 5, 6, 7, 890_123, tzinfo=UTC)
 def fixed_record() -> DecisionRecord:
     """A record with every field set, pinned so the canonical form cannot drift unnoticed."""
     return sealed(
+        legacy_fixed_record().model_copy(
+            update={"model_format": "xgboost", "framework_version": "2.1.4"}
+        )
+    )
+
+
+def legacy_fixed_record() -> DecisionRecord:
+    """`fixed_record` as stored before records kept the model's format and framework version."""
+    return sealed(
         DecisionRecord(
             transaction_id="txn-0001",
             model=ModelRef(name="german-credit", version="ab" * 32),
@@ -47,6 +55,8 @@ def fixed_record() -> DecisionRecord:
             attributions=[[0.75, 0.25, -0.125, 0.0]],
             additivity_error=3.814697265625e-06,
             engine="pred_contribs",
+            model_format=None,
+            framework_version=None,
             decided_at=DECIDED,
             explained_at=DECIDED + timedelta(milliseconds=41),
             reasons=[
@@ -63,23 +73,50 @@ def fixed_record() -> DecisionRecord:
     )
 
 
+# The canonical form of `legacy_fixed_record`: the release before model formats hashed this.
+LEGACY_CANONICAL = (
+    b'{"additivity_error":3.814697265625e-6,"attributions":[[0.75,0.25,-0.125,0.0]],'
+    b'"base_value":[-0.8472978603872037],"decided_at":"2025-03-04T05:06:07.890Z",'
+    b'"engine":"pred_contribs","explained_at":"2025-03-04T05:06:07.931Z",'
+    b'"features":{"credit_amount":5951.5,"duration_in_month":48,"housing":"own","x":null},'
+    b'"model":{"name":"german-credit","version":"' + b"ab" * 32 + b'"},'
+    b'"prediction":{"decision":"deny","margin":1.0986122886681098,"probability":0.75,'
+    b'"task":"binary"},"protected_share":0.0,"reasons":[{"contribution":0.75,'
+    b'"family":"duration","features":["duration_in_month"],'
+    b'"reason":"Duration of credit is long"}],"transaction_id":"txn-0001"}'
+)
+
+
 def test_the_canonical_form_is_as_documented() -> None:
     record = fixed_record()
-    assert canonical_record(record) == (
-        b'{"additivity_error":3.814697265625e-6,"attributions":[[0.75,0.25,-0.125,0.0]],'
-        b'"base_value":[-0.8472978603872037],"decided_at":"2025-03-04T05:06:07.890Z",'
-        b'"engine":"pred_contribs","explained_at":"2025-03-04T05:06:07.931Z",'
-        b'"features":{"credit_amount":5951.5,"duration_in_month":48,"housing":"own","x":null},'
-        b'"model":{"name":"german-credit","version":"' + b"ab" * 32 + b'"},'
-        b'"prediction":{"decision":"deny","margin":1.0986122886681098,"probability":0.75,'
-        b'"task":"binary"},"protected_share":0.0,"reasons":[{"contribution":0.75,'
-        b'"family":"duration","features":["duration_in_month"],'
-        b'"reason":"Duration of credit is long"}],"transaction_id":"txn-0001"}'
-    )
+    # The legacy form with the two keys in their sorted places.
+    assert canonical_record(record) == LEGACY_CANONICAL.replace(
+        b'"model":', b'"framework_version":"2.1.4","model":'
+    ).replace(b'"prediction":', b'"model_format":"xgboost","prediction":')
     expected = hashlib.sha256(b"ab" * 32 + b"\n" + canonical_record(record)).hexdigest()
     assert record.record_hash == expected
     # Every stored hash depends on this value: changing the canonical form breaks them all.
+    assert expected == "df0ec0b96bdb1c9ba0006f278285ac848ebce6ea6e280a21ba121c41debf9693"
+
+
+def test_a_record_stored_before_the_model_format_hashes_as_it_did() -> None:
+    """Without model format and framework version (None), the canonical form and hash are
+    those of the release before them: records stored then still verify."""
+    record = legacy_fixed_record()
+    assert canonical_record(record) == LEGACY_CANONICAL
+    expected = hashlib.sha256(b"ab" * 32 + b"\n" + LEGACY_CANONICAL).hexdigest()
+    assert record.record_hash == expected
     assert expected == "e49854cf6b5d65c64518945e3472b6e3bcf769f2fc01b6fd9ad994c6298030f9"
+    assert verify_record(record)
+
+
+def test_a_model_format_added_to_or_removed_from_a_record_breaks_its_hash() -> None:
+    legacy, record = legacy_fixed_record(), fixed_record()
+    assert record.record_hash != legacy.record_hash
+    assert not verify_record(legacy.model_copy(update={"model_format": "xgboost"}))
+    assert not verify_record(legacy.model_copy(update={"framework_version": "2.1.4"}))
+    assert not verify_record(record.model_copy(update={"model_format": None}))
+    assert not verify_record(record.model_copy(update={"framework_version": None}))
 
 
 def test_every_content_field_is_hashed() -> None:
@@ -116,6 +153,10 @@ CHANGES: dict[str, dict[str, Any]] = {
     "attributions": {"attributions": [[0.75, 0.25, -0.125, 0.001]]},
     "additivity_error": {"additivity_error": 3.9e-06},
     "engine": {"engine": "fast"},
+    "model_format": {"model_format": "lightgbm"},
+    "framework_version": {"framework_version": "2.1.3"},
+    "no-model-format": {"model_format": None},
+    "no-framework-version": {"framework_version": None},
     "decided_at": {"decided_at": DECIDED + timedelta(milliseconds=1)},
     "explained_at": {"explained_at": DECIDED + timedelta(milliseconds=42)},
     "reasons": {"reasons": []},
@@ -192,7 +233,7 @@ async def test_explained_records_verify_after_a_sqlite_round_trip(store: SqliteS
         )
         for i, row in enumerate(german_rows(50))
     ]
-    records = explain_batch(model, PredContribs(model.booster), events, DECIDED).records
+    records = explain_batch(model, model.framework.reference_engine(), events, DECIDED).records
     assert any(record.reasons for record in records)
     records += [binary_record(), regression_record(), multiclass_record()]
     await store.write(records)

@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 import xgboost as xgb
 
+from service.core.formats.base import InvalidModel
+from service.core.formats.files import load_model_file
+from service.core.formats.xgboost_file import check_model_bytes
 from service.core.model_check import check_models_dir
-from service.core.model_file import InvalidModelFile, check_model_bytes
-from service.core.registry import InvalidModel, LoadedModel
+from service.core.registry import LoadedModel
 from service.core.schema import SCHEMA_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,13 +67,14 @@ BAD: dict[str, tuple[Callable[[], bytes], str]] = {
     "JSON of something else": (lambda: b'{"name": "x"}', "not an XGBoost model"),
     "JSON array": (lambda: b"[1, 2]", "not an XGBoost model"),
     "pickle": (lambda: pickle.dumps({"booster": 1}), "is a Python pickle"),
-    "LightGBM text": (
+    # Read by the LightGBM format, whose checker names what is wrong.
+    "LightGBM text without trees": (
         lambda: b"tree\nversion=v4\nnum_class=1\nnum_tree_per_iteration=1\n",
-        "is a LightGBM text model",
+        "is a truncated LightGBM model: it has no trees",
     ),
     "LightGBM JSON": (
         lambda: b'{"name": "tree", "version": "v4", "tree_info": []}',
-        "is a LightGBM model",
+        "is a LightGBM JSON dump",
     ),
     "gzip": (lambda: b"\x1f\x8b\x08\x00" + b"\x00" * 20, "gzip"),
     "UBJ garbage": (lambda: b"{L\x00\x00\x00\x05learn", "is truncated UBJSON"),  # SIGSEGV
@@ -133,9 +136,11 @@ def test_good_files_pass() -> None:
 
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_files_say_what_they_are(name: str) -> None:
+    """Through the format dispatch, as the registry loads files: the format that reads a file
+    (or XGBoost's checker, for a file in no format) says what it is."""
     make, said = BAD[name]
-    with pytest.raises(InvalidModelFile) as exc:
-        check_model_bytes(make())
+    with pytest.raises(InvalidModel) as exc:
+        load_model_file(make())
     assert said in str(exc.value)
     assert "\n" not in str(exc.value)
 
@@ -151,7 +156,8 @@ def model_dir(parent: Path, name: str, data: bytes) -> Path:
 LOAD_EACH = """
 import sys
 from pathlib import Path
-from service.core.registry import InvalidModel, LoadedModel
+from service.core.registry import LoadedModel
+from service.core.formats.base import InvalidModel
 for directory in sys.argv[1:]:
     try:
         LoadedModel.from_directory(Path(directory))
@@ -226,7 +232,7 @@ def test_the_child_reports_what_the_registry_refuses(tmp_path: Path) -> None:
     assert check_models_dir(models, "german-credit") is None
     said = check_models_dir(models, "nope")
     assert said is not None
-    assert "SHAPSTREAM_DEFAULT_MODEL='nope'" in said
+    assert "the default model 'nope' (SHAPSTREAM_DEFAULT_MODEL" in said
     (models / "german-credit" / "model.json").write_bytes(b"")
     said = check_models_dir(models, None)
     assert (

@@ -15,9 +15,8 @@ from sklearn.datasets import load_diabetes, load_wine
 from typer.testing import CliRunner
 
 from service.cli.model import model_app
-from service.core.engine.pred_contribs import PredContribs
 from service.core.explain import explain_batch
-from service.core.model_init import init_model_dir
+from service.core.formats.base import InvalidModel
 from service.core.records import (
     BinaryPrediction,
     DecisionEvent,
@@ -25,8 +24,9 @@ from service.core.records import (
     MulticlassPrediction,
     RegressionPrediction,
 )
-from service.core.registry import InvalidModel, LoadedModel
+from service.core.registry import LoadedModel
 from service.core.schema import FeatureType, Task
+from service.tools.model_init import init_model_dir
 
 NOW = datetime(2025, 6, 1, tzinfo=UTC)
 
@@ -47,7 +47,7 @@ def events_for(model: LoadedModel, rows: list[dict[str, Any]]) -> list[DecisionE
 
 def explained(model: LoadedModel, rows: list[dict[str, Any]]) -> np.ndarray[Any, Any]:
     """(rows, outputs, features + 1) from explain_batch, bias last."""
-    result = explain_batch(model, PredContribs(model.booster), events_for(model, rows), NOW)
+    result = explain_batch(model, model.framework.reference_engine(), events_for(model, rows), NOW)
     assert result.failures == []
     assert max(r.additivity_error for r in result.records) < 1e-4
     return np.array(
@@ -218,6 +218,7 @@ def test_cli_init_prints_the_version(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     version = LoadedModel.from_directory(tmp_path / "d").version
     assert f"model shapes (binary), version {version}" in result.output
+    assert f"format xgboost (written by xgboost {xgb.__version__})" in result.output
     again = runner.invoke(model_app, ["init", str(tmp_path / "m.ubj"), str(tmp_path / "d")])
     assert again.exit_code == 1
     assert "already holds a model" in again.output

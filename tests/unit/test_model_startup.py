@@ -107,8 +107,10 @@ def test_several_models_need_a_named_default(models: Path, tmp_path: Path) -> No
     env = {"SHAPSTREAM_MODELS_DIR": str(models), "SHAPSTREAM_DATA_DIR": str(tmp_path / "data")}
     said = refusal(["run"], env)
     assert said == (
-        "shapstream: Not starting: 2 models are served (breast-cancer, german-credit) and "
-        "SHAPSTREAM_DEFAULT_MODEL is not set: set it to the model a request without `model` gets"
+        "shapstream: Not starting: 2 models are served (breast-cancer, german-credit) and none "
+        "is named the default: set SHAPSTREAM_DEFAULT_MODEL, or write its name in the models "
+        "directory's default-model file"
     )
     said = refusal(["run"], {**env, "SHAPSTREAM_DEFAULT_MODEL": "german"})
-    assert "SHAPSTREAM_DEFAULT_MODEL='german' is not a served model" in said
+    assert "the default model 'german' (SHAPSTREAM_DEFAULT_MODEL" in said
+    assert "is not a served model" in said

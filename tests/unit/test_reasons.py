@@ -6,7 +6,6 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from service.core.engine.pred_contribs import PredContribs
 from service.core.explain import explain_batch
 from service.core.reasons import (
     MAX_REASONS,
@@ -53,7 +52,7 @@ def decided_and_explained(model: LoadedModel, rows: list[dict[str, Any]]) -> lis
         )
         for i, row in enumerate(rows)
     ]
-    result = explain_batch(model, PredContribs(model.booster), events, DECIDED)
+    result = explain_batch(model, model.framework.reference_engine(), events, DECIDED)
     assert result.failures == []
     return result.records
 

@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.datasets import load_diabetes
 
+from service.core.formats.base import InvalidModel
 from service.core.records import BinaryPrediction, ModelArtifact, RegressionPrediction
 from service.core.registry import (
     FieldError,
     InvalidFeatures,
-    InvalidModel,
     LoadedModel,
     ModelRegistry,
     NoDefaultModel,
@@ -27,6 +27,7 @@ from service.core.registry import (
 )
 from service.core.schema import SCHEMA_FILE, DecisionRule, Feature, FeatureType, ModelSchema, Task
 from service.settings import Settings
+from tests.api_client import booster_of
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_DIR = ROOT / "models" / "german-credit"
@@ -243,7 +244,7 @@ def test_batch_errors_carry_their_row(model: LoadedModel, frame: pd.DataFrame) -
 
 def test_margins_equal_the_booster_on_every_row(model: LoadedModel, frame: pd.DataFrame) -> None:
     x = model.encode_many(rows_of(frame))
-    expected = model.booster.predict(
+    expected = booster_of(model).predict(
         xgb.DMatrix(frame, enable_categorical=True), output_margin=True
     )
     np.testing.assert_array_equal(model.predict_margins(x)[:, 0], expected)
@@ -276,7 +277,7 @@ def test_missing_values_score_like_the_dataframe(
     for name in nulls:
         row[name] = None
         with_nan[name] = with_nan[name].where(pd.Series([False], index=with_nan.index))
-    expected = model.booster.predict(
+    expected = booster_of(model).predict(
         xgb.DMatrix(with_nan, enable_categorical=True), output_margin=True
     )
     assert model.predict_margins(model.encode(row).reshape(1, -1))[0, 0] == expected[0]
@@ -420,8 +421,14 @@ def test_adding_a_model_never_moves_the_default(model: LoadedModel, tmp_path: Pa
     named = ModelRegistry.scan(tmp_path, default_model="german-credit")
     assert named.default_name == "german-credit"
     assert named.active().name == "german-credit"
-    with pytest.raises(UnknownModel, match="SHAPSTREAM_DEFAULT_MODEL='credit'"):
+    with pytest.raises(UnknownModel, match="the default model 'credit'"):
         ModelRegistry.scan(tmp_path, default_model="credit")
+    # Or named in the models directory, where the models are; the setting wins over it.
+    (tmp_path / "default-model").write_text("breast-cancer\n")
+    assert ModelRegistry.scan(tmp_path).default_name == "breast-cancer"
+    assert ModelRegistry.scan(tmp_path, default_model="german-credit").default_name == (
+        "german-credit"
+    )
     assert (
         ModelRegistry([renamed(model, "b"), renamed(model, "a")], default_model="b")
         .active(None)

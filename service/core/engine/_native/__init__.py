@@ -1,1 +1,1 @@
-"""Compiled TreeSHAP kernel (built by setup.py from treeshap.c)."""
+"""Compiled TreeSHAP kernel and margin predictor of a Forest (built by setup.py)."""

@@ -1,16 +1,24 @@
-"""Engine benchmark: every installed exact TreeSHAP engine on the same rows, interleaved.
+"""Engine benchmark: the exact TreeSHAP engines on the same rows, interleaved, per model format.
 
-Engines: xgboost ``pred_contribs`` (the reference), shapstream's `FastTreeShap`, shap's
-own C++ TreeSHAP (``shap.TreeExplainer`` hands Booster models to ``pred_contribs``, so
-the benchmark forces its internal path) and FastTreeSHAP v1/v2 when ``fasttreeshap`` is
-importable. All run on one thread. Every repeat gives each engine the same batch, in a
-rotating order; rows/s are medians over repeats, and each engine's output is compared
-with ``pred_contribs`` on the very same rows.
+    .venv/bin/python -m bench.engine --model MODEL [--data ROWS] [--batches 1,64,1024] [--json]
+
+MODEL is an XGBoost JSON file, a LightGBM text file or a scikit-learn `.skops` file.
+`bench/engine.sh` runs it on the reference models of each format (`make bench` runs that).
+
+Engines: the framework's own exact TreeSHAP (the reference: xgboost ``pred_contribs``,
+LightGBM ``pred_contrib``, shap's TreeExplainer for scikit-learn, which has none of its own),
+shapstream's `FastTreeShap` on the model's Forest, and for XGBoost also shap's own C++ TreeSHAP
+(``shap.TreeExplainer`` hands Booster models to ``pred_contribs``, so the benchmark forces its
+internal path) and FastTreeSHAP v1/v2 when ``fasttreeshap`` is importable. All run on one
+thread. Every repeat gives each engine the same batch, in a rotating order; rows/s are medians
+over repeats, and each engine's output is compared with the reference on the very same rows.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
 import os
 import statistics
 import sys
@@ -26,7 +34,7 @@ from numpy.typing import NDArray
 N_FEATURES = 30
 MISSING_FEATURES = 5
 MISSING_RATE = 0.05
-REFERENCE_ENGINE = "xgboost-pred_contribs"
+REFERENCE_NAMES = {"xgboost": "xgboost-pred_contribs", "lightgbm": "lightgbm-pred_contrib"}
 
 Explain = Callable[[NDArray[np.float32]], NDArray[np.float64]]
 
@@ -78,7 +86,7 @@ class EngineResult:
     name: str
     batch: int
     rows_per_s: float
-    ratio_to_pred_contribs: float
+    ratio_to_reference: float
     max_abs_diff: float
     ms_per_batch: float
     repeats: int
@@ -95,20 +103,20 @@ class BenchReport:
     build: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
-        keys = ("name", "batch", "rows_per_s", "ratio_to_pred_contribs", "max_abs_diff")
+        keys = ("name", "batch", "rows_per_s", "ratio_to_reference", "max_abs_diff")
         return {"engines": [{k: asdict(r)[k] for k in keys} for r in self.results]}
 
     def table(self) -> str:
         head = (
             f"{'engine':<24} {'batch':>6} {'rows/s':>10} {'ms/batch':>10} "
-            f"{'x pred_contribs':>15} {'max |diff|':>11} {'reps':>5}"
+            f"{'x reference':>15} {'max |diff|':>11} {'reps':>5}"
         )
         lines = [f"model {self.model}: {self.n_features} features, {self.n_outputs} output(s)"]
         lines += [*self.notes, head, "-" * len(head)]
         for r in self.results:
             lines.append(
                 f"{r.name:<24} {r.batch:>6} {r.rows_per_s:>10.1f} {r.ms_per_batch:>10.2f} "
-                f"{r.ratio_to_pred_contribs:>15.2f} {r.max_abs_diff:>11.2e} {r.repeats:>5}"
+                f"{r.ratio_to_reference:>15.2f} {r.max_abs_diff:>11.2e} {r.repeats:>5}"
             )
         return "\n".join(lines)
 
@@ -118,30 +126,22 @@ def _as3d(phi: NDArray[Any], rows: int, n_features: int) -> NDArray[np.float64]:
 
 
 def engines_for(
-    booster: Any, n_features: int, notes: list[str], build: dict[str, Any]
-) -> list[tuple[str, Explain]]:
-    """(name, explain) for every engine that can run this model; reasons go to `notes`."""
-    import xgboost as xgb
+    model_path: Path, notes: list[str], build: dict[str, Any]
+) -> tuple[list[tuple[str, Explain]], int]:
+    """(name, explain) for every engine that can run the model, the reference first, and the
+    model's feature count; reasons an engine cannot run go to `notes`."""
+    from service.core.engine.fast import FastTreeShap
+    from service.core.formats.base import UnsupportedModel
 
-    from service.core.engine.fast import FastTreeShap, UnsupportedModel
-
-    booster.set_param({"nthread": 1})
-    out: list[tuple[str, Explain]] = []
-
-    def pred_contribs(x: NDArray[np.float32]) -> NDArray[np.float64]:
-        dm = xgb.DMatrix(x, missing=np.nan, nthread=1)
-        return _as3d(booster.predict(dm, pred_contribs=True), len(x), n_features)
-
-    out.append((REFERENCE_ENGINE, pred_contribs))
-
+    framework, reference, booster = _load(model_path)
+    n_features = framework.n_features
+    out: list[tuple[str, Explain]] = [reference]
     try:
         t0 = time.perf_counter()
-        engine = FastTreeShap.from_booster(booster)
+        engine = FastTreeShap(framework.forest())
         build.update(
             {
                 "wall_seconds": round(time.perf_counter() - t0, 3),
-                "json_seconds": round(engine.stats.json_seconds, 3),
-                "parse_seconds": round(engine.stats.parse_seconds, 3),
                 "precompute_seconds": round(engine.stats.precompute_seconds, 3),
                 "memory_mb": round(engine.stats.memory_bytes / 2**20, 1),
                 "leaves": engine.stats.leaves,
@@ -152,10 +152,44 @@ def engines_for(
         out.append((engine.name, engine.contributions))
     except UnsupportedModel as exc:
         notes.append(f"note: shapstream cannot run this model: {exc}")
+    if booster is not None:
+        out.extend(_shap_engine(booster, n_features, notes))
+        out.extend(_fasttreeshap_engines(booster, n_features, notes))
+    return out, n_features
 
-    out.extend(_shap_engine(booster, n_features, notes))
-    out.extend(_fasttreeshap_engines(booster, n_features, notes))
-    return out
+
+def _load(model_path: Path) -> tuple[Any, tuple[str, Explain], Any]:
+    """The model as the service reads it, its framework's exact TreeSHAP, and the xgboost
+    booster (None for other formats)."""
+    from service.core.formats.files import load_model_file
+
+    if model_path.suffix == ".skops":
+        return _load_sklearn(model_path)
+    framework = load_model_file(model_path.read_bytes())
+    reference = framework.reference_engine()
+    booster = getattr(framework, "booster", None) if framework.format == "xgboost" else None
+    return framework, (REFERENCE_NAMES[framework.format], reference.contributions), booster
+
+
+def _load_sklearn(model_path: Path) -> tuple[Any, tuple[str, Explain], Any]:
+    import shap
+
+    from service.core.formats import sklearn
+
+    estimator = sklearn.load_skops(model_path.read_bytes())
+    framework = sklearn.FORMAT.load(sklearn.convert(estimator).to_bytes())
+    explainer = shap.TreeExplainer(estimator, feature_perturbation="tree_path_dependent")
+
+    def shap_sklearn(x: NDArray[np.float32]) -> NDArray[np.float64]:
+        phi = np.asarray(explainer.shap_values(x, check_additivity=False), dtype=np.float64)
+        phi = phi[:, None, :] if phi.ndim == 2 else np.transpose(phi, (0, 2, 1))
+        bias = np.broadcast_to(
+            np.asarray(explainer.expected_value, dtype=np.float64).reshape(1, -1, 1),
+            (phi.shape[0], phi.shape[1], 1),
+        )
+        return np.concatenate([phi, bias], axis=2)
+
+    return framework, ("sklearn-shap", shap_sklearn), None
 
 
 def _shap_engine(booster: Any, n_features: int, notes: list[str]) -> list[tuple[str, Explain]]:
@@ -235,16 +269,12 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
     """Times all engines; see the module docstring."""
-    import xgboost as xgb
-
     say = progress or (lambda _msg: None)
-    booster = xgb.Booster(model_file=str(model_path))
-    booster.set_param({"nthread": 1})
-    n_features = booster.num_features()
-    x = rows if rows is not None else synthetic_rows(max(n_rows, max(batches)), n_features)
     notes: list[str] = []
     build: dict[str, Any] = {}
-    engines = engines_for(booster, n_features, notes, build)
+    engines, n_features = engines_for(model_path, notes, build)
+    reference = engines[0][0]
+    x = rows if rows is not None else synthetic_rows(max(n_rows, max(batches)), n_features)
     if build:
         notes.append(f"note: shapstream build: {build}")
     for note in notes:
@@ -280,7 +310,7 @@ def run_bench(
                 gap = np.abs(outputs["shapstream"] - outputs["shap-cpp"])
                 vs_shap[0] = max(vs_shap[0], float(gap[..., :-1].max(initial=0.0)))
                 vs_shap[1] = max(vs_shap[1], float(gap[..., -1].max(initial=0.0)))
-            ref = outputs[REFERENCE_ENGINE]
+            ref = outputs[reference]
             for name, out in outputs.items():
                 if out.shape != ref.shape:
                     raise RuntimeError(f"{name} returned {out.shape}, expected {ref.shape}")
@@ -293,14 +323,14 @@ def run_bench(
                 f"note: batch {batch}: shapstream vs shap-cpp (both float64) max |diff| "
                 f"features {vs_shap[0]:.2e}, bias {vs_shap[1]:.2e}"
             )
-        ref_t = statistics.median(times[REFERENCE_ENGINE])
+        ref_t = statistics.median(times[reference])
         for name, _ in engines:
             t = statistics.median(times[name])
             result = EngineResult(
                 name=name,
                 batch=batch,
                 rows_per_s=batch / t,
-                ratio_to_pred_contribs=ref_t / t,
+                ratio_to_reference=ref_t / t,
                 max_abs_diff=diffs[name],
                 ms_per_batch=t * 1e3,
                 repeats=done,
@@ -308,7 +338,7 @@ def run_bench(
             report.results.append(result)
             say(
                 f"[bench] {name:<24} batch={batch:<5} {result.rows_per_s:10.1f} rows/s "
-                f"x{result.ratio_to_pred_contribs:5.2f} max|diff|={result.max_abs_diff:.2e} "
+                f"x{result.ratio_to_reference:5.2f} max|diff|={result.max_abs_diff:.2e} "
                 f"({done} reps)"
             )
     return report
@@ -316,3 +346,69 @@ def run_bench(
 
 def stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not comma-separated integers: {text!r}") from exc
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("batch sizes must be positive")
+    return sizes
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main() -> None:
+    single_thread()
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument(
+        "--model", type=Path, required=True, help="XGBoost model file (.json/.ubj)."
+    )
+    parser.add_argument(
+        "--data", type=Path, help="Rows as .csv or .npy; default: synthetic with missing."
+    )
+    parser.add_argument(
+        "--rows", type=_at_least_one, default=2048, help="Rows to draw batches from."
+    )
+    parser.add_argument(
+        "--batches", type=_batch_sizes, default=[1, 64, 1024], help="Comma-separated batch sizes."
+    )
+    parser.add_argument("--repeats", type=_at_least_one, default=5, help="Repeats per batch.")
+    parser.add_argument(
+        "--single-repeats", type=_at_least_one, default=25, help="Repeats for batch 1."
+    )
+    parser.add_argument(
+        "--budget", type=float, default=120.0, help="Seconds per batch size after 3 repeats."
+    )
+    parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+    args = parser.parse_args()
+    if not args.model.exists():
+        parser.error(f"--model: {args.model} does not exist")
+    import xgboost as xgb
+
+    n_features = xgb.Booster(model_file=str(args.model)).num_features()
+    if args.data is not None:
+        x = load_rows(args.data, n_features)[: args.rows]
+    else:
+        x = synthetic_rows(max(args.rows, max(args.batches)), n_features)
+    report = run_bench(
+        args.model,
+        rows=x,
+        batches=args.batches,
+        repeats=args.repeats,
+        single_row_repeats=args.single_repeats,
+        budget_s=args.budget,
+        progress=stderr,
+    )
+    print(json.dumps(report.as_json()) if args.json else report.table())
+
+
+if __name__ == "__main__":
+    main()

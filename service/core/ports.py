@@ -1,4 +1,4 @@
-"""The two seams of the system: the event bus and the explanation store."""
+"""The seams of the core: the event bus and its source, the explanation and access stores."""
 
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
@@ -55,6 +55,10 @@ class EventSource(Protocol):
     async def close(self) -> None: ...
 
 
+class ModelConflictError(ValueError):
+    """A model version is already stored with different content (versions are content hashes)."""
+
+
 class ExplanationStore(Protocol):
     """Durable decision records, model versions and transaction claims."""
 
@@ -62,7 +66,9 @@ class ExplanationStore(Protocol):
         """Create the schema if it is missing; safe to run any number of times."""
         ...
 
-    async def put_model(self, artifact: ModelArtifact) -> None: ...
+    async def put_model(self, artifact: ModelArtifact) -> None:
+        """Store a version once; raise `ModelConflictError` if it differs from the stored one."""
+        ...
 
     async def get_model(self, version: str) -> ModelArtifact | None: ...
 

@@ -1,5 +1,6 @@
 """The shipped demo: a credit-risk model trained on the Statlog German Credit data."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -9,7 +10,6 @@ import pandas as pd
 import xgboost as xgb
 from numpy.typing import NDArray
 
-from service.core.model_init import MODEL_FILE, write_model_dir
 from service.core.schema import (
     DecisionRule,
     Feature,
@@ -18,6 +18,7 @@ from service.core.schema import (
     ReasonFamily,
     Task,
 )
+from service.tools.model_init import MODEL_FILES, write_model_dir
 
 DEMO_NAME = "german-credit"
 TARGET = "creditability"
@@ -212,7 +213,22 @@ def auc(y: NDArray[np.int8], score: NDArray[np.floating]) -> float:
     return float((ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
-def demo_schema(frame: pd.DataFrame, holdout_auc: float) -> ModelSchema:
+# How the schema's description names the framework a demo was trained with.
+_FRAMEWORK_NAMES = {"xgboost": "XGBoost", "lightgbm": "LightGBM"}
+
+
+def monotone_constraints(columns: Iterable[str]) -> tuple[int, ...]:
+    """Each column's monotone direction (+1: the risk may only rise with it; 0: free)."""
+    return tuple(_NUMERIC[c].monotone if c in _NUMERIC else 0 for c in columns)
+
+
+def demo_schema(
+    frame: pd.DataFrame,
+    holdout_auc: float,
+    *,
+    name: str = DEMO_NAME,
+    framework: str = "xgboost",
+) -> ModelSchema:
     """The demo model's schema: ranges, constraints, reason families and protected attributes."""
     features = []
     for column in frame.columns:
@@ -241,16 +257,17 @@ def demo_schema(frame: pd.DataFrame, holdout_auc: float) -> ModelSchema:
             )
         features.append(feature)
     return ModelSchema(
-        name=DEMO_NAME,
+        name=name,
         task=Task.BINARY,
-        model_file=MODEL_FILE,
+        model_file=MODEL_FILES[framework],
         features=tuple(features),
         decision=DecisionRule(
             positive_class="bad", negative_class="good", deny_at_or_above=DENY_AT_OR_ABOVE
         ),
         description=(
-            "Probability that a credit applicant is a bad credit risk. XGBoost on the Statlog "
-            "German Credit Data (UCI id 144, Hans Hofmann, University of Hamburg, CC BY 4.0); "
+            "Probability that a credit applicant is a bad credit risk. "
+            f"{_FRAMEWORK_NAMES[framework]} on the Statlog German Credit Data (UCI id 144, Hans "
+            "Hofmann, University of Hamburg, CC BY 4.0); "
             f"held-out AUC {holdout_auc:.3f} on {HOLDOUT_FRACTION:.0%} of the applicants. "
             "Required (not nullable): the credit applied for (amount, duration, purpose), its "
             "installment rate (no creditworthiness assessment without income) and the credit "
@@ -268,11 +285,10 @@ def train_demo(csv_path: Path, out_dir: Path) -> Path:
     """Train the demo model on `csv_path` and write its model directory to `out_dir`."""
     frame, y = read_german_credit(csv_path)
     train, test = holdout_split(y)
-    constraints = tuple(_NUMERIC[c].monotone if c in _NUMERIC else 0 for c in frame.columns)
-    params = {**PARAMS, "monotone_constraints": str(constraints)}
+    params = {**PARAMS, "monotone_constraints": str(monotone_constraints(frame.columns))}
     dtrain = xgb.DMatrix(frame.iloc[train], y[train], enable_categorical=True, nthread=1)
     booster = xgb.train(params, dtrain, num_boost_round=ROUNDS)
     dtest = xgb.DMatrix(frame.iloc[test], enable_categorical=True, nthread=1)
     holdout_auc = auc(y[test], booster.predict(dtest))
-    write_model_dir(booster, demo_schema(frame, holdout_auc), out_dir)
+    write_model_dir(bytes(booster.save_raw("json")), demo_schema(frame, holdout_auc), out_dir)
     return out_dir

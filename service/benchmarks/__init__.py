@@ -1,1 +1,0 @@
-"""Benchmarks of shapstream's moving parts (`shapstream bench ...`)."""

@@ -1,0 +1,1 @@
+"""Model tooling: training the demo models, writing a model directory (`shapstream model`)."""
