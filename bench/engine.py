@@ -181,15 +181,21 @@ def _load_sklearn(model_path: Path) -> tuple[Any, tuple[str, Explain], Any]:
     explainer = shap.TreeExplainer(estimator, feature_perturbation="tree_path_dependent")
 
     def shap_sklearn(x: NDArray[np.float32]) -> NDArray[np.float64]:
-        phi = np.asarray(explainer.shap_values(x, check_additivity=False), dtype=np.float64)
-        phi = phi[:, None, :] if phi.ndim == 2 else np.transpose(phi, (0, 2, 1))
-        bias = np.broadcast_to(
-            np.asarray(explainer.expected_value, dtype=np.float64).reshape(1, -1, 1),
-            (phi.shape[0], phi.shape[1], 1),
-        )
-        return np.concatenate([phi, bias], axis=2)
+        return _shap_values(explainer, x)
 
     return framework, ("sklearn-shap", shap_sklearn), None
+
+
+def _shap_values(explainer: Any, x: NDArray[np.float32]) -> NDArray[np.float64]:
+    """shap's values as (rows, outputs, features + 1), bias last."""
+    phi = np.asarray(explainer.shap_values(x, check_additivity=False), dtype=np.float64)
+    # (rows, features) or (rows, features, outputs)
+    phi = phi[:, None, :] if phi.ndim == 2 else np.transpose(phi, (0, 2, 1))
+    bias = np.broadcast_to(
+        np.asarray(explainer.expected_value, dtype=np.float64).reshape(1, -1, 1),
+        (phi.shape[0], phi.shape[1], 1),
+    )
+    return np.concatenate([phi, bias], axis=2)
 
 
 def _shap_engine(booster: Any, n_features: int, notes: list[str]) -> list[tuple[str, Explain]]:
@@ -214,14 +220,7 @@ def _shap_engine(booster: Any, n_features: int, notes: list[str]) -> list[tuple[
         # With no expected value set, shap takes it from its C++ output's bias column
         # (its init-time value for xgboost 3 models misses the trees' means).
         explainer.expected_value = None
-        phi = np.asarray(explainer.shap_values(x, check_additivity=False), dtype=np.float64)
-        # (rows, features) or (rows, features, outputs)
-        phi = phi[:, None, :] if phi.ndim == 2 else np.transpose(phi, (0, 2, 1))
-        bias = np.broadcast_to(
-            np.asarray(explainer.expected_value, dtype=np.float64).reshape(1, -1, 1),
-            (phi.shape[0], phi.shape[1], 1),
-        )
-        return np.concatenate([phi, bias], axis=2)
+        return _shap_values(explainer, x)
 
     return [("shap-cpp", shap_cpp)]
 
@@ -391,9 +390,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.model.exists():
         parser.error(f"--model: {args.model} does not exist")
-    import xgboost as xgb
-
-    n_features = xgb.Booster(model_file=str(args.model)).num_features()
+    n_features = _load(args.model)[0].n_features
     if args.data is not None:
         x = load_rows(args.data, n_features)[: args.rows]
     else:

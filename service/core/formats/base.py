@@ -168,6 +168,18 @@ class FormatModel(Protocol):
         ...
 
 
+def check_task(schema: ModelSchema, task: Task, objective: str, n_classes: int) -> None:
+    """Raise InvalidModel unless `schema` asks for the task (and classes) the model decides."""
+    if schema.task is not task:
+        raise InvalidModel(
+            f"objective {objective!r} is a {task.value} model, the schema says {schema.task.value}"
+        )
+    if task is Task.MULTICLASS and n_classes != len(schema.classes):
+        raise InvalidModel(
+            f"the model has {n_classes} classes, the schema names {len(schema.classes)}"
+        )
+
+
 class ModelFormat(Protocol):
     """A framework's model files: recognised by their bytes, loaded into a FormatModel."""
 

@@ -41,6 +41,7 @@ from service.core.formats.base import (
     ModelDescription,
     NodeFlag,
     UnsupportedModel,
+    check_task,
 )
 from service.core.schema import FeatureType, ModelSchema, Task
 
@@ -797,15 +798,7 @@ class LightgbmModel:
                     f"{feature.name!r}: the model was trained on category code {seen}, the "
                     f"schema names {len(feature.categories)} categories"
                 )
-        if schema.task is not self.task:
-            raise InvalidModel(
-                f"objective {self.objective!r} is a {self.task.value} model, the schema says "
-                f"{schema.task.value}"
-            )
-        if self.task is Task.MULTICLASS and self.n_classes != len(schema.classes):
-            raise InvalidModel(
-                f"the model has {self.n_classes} classes, the schema names {len(schema.classes)}"
-            )
+        check_task(schema, self.task, self.objective, self.n_classes)
 
     def forest(self) -> Forest:
         """The trees in the native engines' layout; raises UnsupportedModel."""

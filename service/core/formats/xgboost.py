@@ -27,6 +27,7 @@ from service.core.formats.base import (
     ModelDescription,
     NodeFlag,
     UnsupportedModel,
+    check_task,
 )
 from service.core.formats.xgboost_file import InvalidModelFile, check_model_bytes
 from service.core.schema import FeatureType, ModelSchema, Task
@@ -355,15 +356,7 @@ class XgboostModel:
     def check_schema(self, schema: ModelSchema) -> None:
         """Raise InvalidModel naming how `schema` does not describe this booster."""
         self._check_features(schema)
-        if schema.task is not self.task:
-            raise InvalidModel(
-                f"objective {self.objective!r} is a {self.task.value} model, the schema says "
-                f"{schema.task.value}"
-            )
-        if self.task is Task.MULTICLASS and self.n_classes != len(schema.classes):
-            raise InvalidModel(
-                f"the model has {self.n_classes} classes, the schema names {len(schema.classes)}"
-            )
+        check_task(schema, self.task, self.objective, self.n_classes)
 
     def _check_features(self, schema: ModelSchema) -> None:
         booster = self.booster
