@@ -89,11 +89,16 @@ async def asgi_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 @asynccontextmanager
 async def embedded_client(
-    data_dir: Path, metrics: Metrics | None = None, *, authorized: bool = True
+    data_dir: Path,
+    metrics: Metrics | None = None,
+    *,
+    authorized: bool = True,
+    models_dir: Path = MODELS,
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """The service in embedded mode with the shipped models; `authorized`: with the dev key,
+    """The service in embedded mode with the shipped models (or `models_dir`'s); `authorized`:
+    with the dev key,
     which holds every scope (tests/unit/test_auth.py covers refusals)."""
-    settings = Settings(mode="embedded", data_dir=data_dir, models_dir=MODELS)
+    settings = Settings(mode="embedded", data_dir=data_dir, models_dir=models_dir)
     async with asgi_client(create_app(settings, metrics)) as client:
         if authorized:
             client.headers.update(bearer(dev_key(data_dir)))

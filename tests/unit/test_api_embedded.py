@@ -8,9 +8,13 @@ import httpx
 import lightgbm
 import numpy as np
 import pytest
+import skops.io
 import xgboost as xgb
+from sklearn.datasets import load_diabetes, load_iris
+from sklearn.ensemble import RandomForestClassifier
 
 from service.core.registry import LoadedModel
+from service.tools.model_init import init_model_dir
 from tests.api_client import (
     MODELS,
     booster_of,
@@ -197,3 +201,44 @@ async def test_models_health_and_metrics(client: httpx.AsyncClient) -> None:
     missing = await client.get("/no/such/route")
     assert missing.status_code == 404
     problem_fields(missing)
+
+
+def _byo_models(root: Path) -> Path:
+    """Bring-your-own models of the two other formats, through `model init` as a user would:
+    a LightGBM regression (text file) and a scikit-learn random forest (.skops file)."""
+    diabetes = load_diabetes(as_frame=True)
+    lightgbm.train(
+        {"objective": "regression", "max_depth": 3, "num_threads": 1, "verbose": -1},
+        lightgbm.Dataset(diabetes.data, label=diabetes.target),
+        num_boost_round=10,
+    ).save_model(root / "diabetes.txt")
+    iris = load_iris(as_frame=True)
+    forest = RandomForestClassifier(n_estimators=5, max_depth=3, random_state=0, n_jobs=1)
+    skops.io.dump(forest.fit(iris.data, iris.target_names[iris.target]), root / "iris.skops")
+    models = root / "models"
+    init_model_dir(root / "diabetes.txt", models / "diabetes")
+    init_model_dir(root / "iris.skops", models / "iris")
+    (models / "default-model").write_text("iris\n")
+    return models
+
+
+async def test_bring_your_own_lightgbm_and_sklearn_models(tmp_path: Path) -> None:
+    models = _byo_models(tmp_path)
+    async with embedded_client(tmp_path / "data", models_dir=models) as client:
+        for name, data in (("diabetes", load_diabetes), ("iris", load_iris)):
+            model = LoadedModel.from_directory(models / name)
+            row = {k: float(v) for k, v in data(as_frame=True).data.iloc[7].items()}
+            answer = await client.post("/v1/predictions", json={"features": row, "model": name})
+            assert answer.status_code == 200, answer.text
+            txn = answer.json()["transaction_id"]
+            explanation = (await client.get(f"/v1/explanations/{txn}?wait=10")).json()
+            assert explanation["model_format"] == model.format
+            reference = model.framework.reference_engine().contributions(model.encode_many([row]))
+            outputs = model.schema.classes or (None,)
+            for k, output in enumerate(outputs):
+                values = explanation["attributions"]
+                values = values[output] if output is not None else values
+                base = explanation["base_value"]
+                base = base[output] if output is not None else base
+                ours = [values[n] for n in model.schema.feature_names] + [base]
+                assert np.max(np.abs(np.array(ours) - reference[0, k])) <= 1e-5
