@@ -91,7 +91,7 @@ def shap(forest: Forest, x: NDArray[np.float32]) -> NDArray[np.float64]:
     out = np.zeros((len(x), forest.n_outputs, n + 1))
     for r, row in enumerate(x):
         for g in range(forest.n_outputs):
-            out[r, g, n] = forest.base[g]
+            out[r, g, n] = forest.base[g] / forest.divisor
         for t in range(forest.n_trees):
             start, g = int(forest.tree_ptr[t]), int(forest.tree_output[t])
 

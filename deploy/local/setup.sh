@@ -15,7 +15,7 @@ PYTHON=${PYTHON:-$(command -v python3.11 || echo python3)}
 NEEDED=3.11
 PY=$VENV/bin/python
 # What the install is made from: a change to any of them reinstalls.
-SOURCES=(pyproject.toml setup.py service/core/engine/_native/treeshap.c)
+SOURCES=(pyproject.toml setup.py service/core/engine/_native/*.[ch])
 
 case $want in
   run) extras="" ;;

@@ -393,7 +393,9 @@ def _probe_rows(schema: ModelSchema, native: FastPredictor) -> FloatMatrix:
     for j, feature in enumerate(schema.features):
         if feature.type is FeatureType.CATEGORICAL:
             continue
-        splits = native.split_values(j)
+        # float64 thresholds (LightGBM, scikit-learn) as the float32 rows can hold them: the
+        # nearest float32 and its neighbours on both sides, where a row's route turns.
+        splits = np.clip(native.split_values(j), -_F32_MAX, _F32_MAX).astype(np.float32)
         finite = splits[np.isfinite(splits)]
         scale = 1.0 + float(np.abs(finite).max(initial=0.0))
         bounds = [b for b in (feature.minimum, feature.maximum) if b is not None]

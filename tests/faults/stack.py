@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,12 +32,14 @@ class StackFailed(Exception):
     """A gateway, worker or command of the scenario failed; the message says where to look."""
 
 
-def free_port() -> int:
-    """A free loopback port in PORT_RANGE."""
+def free_port(taken: Collection[int] = ()) -> int:
+    """A free loopback port in PORT_RANGE, none of `taken` (ports chosen but not bound yet)."""
     low, high = PORT_RANGE
     start = random.randint(low, high)
     for offset in range(high - low + 1):
         port = low + (start - low + offset) % (high - low + 1)
+        if port in taken:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
@@ -135,6 +138,18 @@ class Stack:
     async def start_gateway(self) -> Process:
         process = self.spawn("gateway", "serve", "--port", str(self.gateway_port))
         await wait_ready(process, self.gateway_port)
+        # The 200 must be this gateway's: its readiness names its spool (a worker's probes, or
+        # anything else on the port, would send the whole load elsewhere).
+        client = Client("127.0.0.1", self.gateway_port, {})
+        try:
+            answer = await client.request("GET", "/readyz", timeout_s=5.0)
+        finally:
+            await client.close()
+        if b'"spool"' not in answer.body:
+            raise StackFailed(
+                f"port {self.gateway_port} answers, but not as {process.name}: {answer.body!r}"
+                f"\n{log_tail(process.log)}"
+            )
         return process
 
     async def start_worker(self) -> Process:
@@ -183,6 +198,7 @@ def prepare(servers: FaultServers, work: Path, name: str) -> Stack:
             "SHAPSTREAM_LOG_LEVEL": "WARNING",
         }
     )
+    gateway_port = free_port()
     stack = Stack(
         name=name,
         work=work,
@@ -190,8 +206,10 @@ def prepare(servers: FaultServers, work: Path, name: str) -> Stack:
         keyspace=keyspace,
         topic=topic,
         group=env["SHAPSTREAM_KAFKA_GROUP_ID"],
-        gateway_port=free_port(),
-        worker_port=free_port(),
+        gateway_port=gateway_port,
+        # Never the gateway's: both are chosen before either binds. The same port once made the
+        # worker's probe server answer the gateway's requests (404 "Not Found" from Starlette).
+        worker_port=free_port(taken={gateway_port}),
     )
     stack.run("db", "migrate")
     scopes = "predict,explanations:read"

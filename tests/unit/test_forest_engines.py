@@ -144,14 +144,9 @@ def make_forest(
 
 
 def expected_shap(forest: Forest, x: NDArray[np.float32]) -> NDArray[np.float64]:
-    """forest_reference.shap with the bias of the documented margin, (base + leaves) / divisor.
-
-    forest_reference.shap adds `base` undivided, so its attributions sum to
-    base + leaves / divisor, not to forest_reference.margins when base != 0 and divisor != 1.
-    """
-    phi = reference.shap(forest, x)
-    phi[:, :, -1] += forest.base / forest.divisor - forest.base
-    return phi
+    """forest_reference.shap: its attributions sum to the documented margin,
+    (base + leaves) / divisor."""
+    return reference.shap(forest, x)
 
 
 def assert_same_bits(ours: NDArray[np.float64], theirs: NDArray[np.float64]) -> None:

@@ -14,7 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # What the install is made from; setup.sh compares its stamp with them.
-SOURCES = ("pyproject.toml", "setup.py", "service/core/engine/_native/treeshap.c")
+SOURCES = (
+    "pyproject.toml",
+    "setup.py",
+    "service/core/engine/_native/treeshap.h",
+    "service/core/engine/_native/shap.c",
+)
 
 
 @pytest.fixture

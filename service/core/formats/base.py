@@ -90,6 +90,11 @@ class Forest:
 
     The margin of output g is `base[g]` plus the leaves of its trees, summed in tree order as
     `accumulation` says, then divided by `divisor` (random forests average their trees).
+
+    Any negative `left` marks a leaf; nodes no root reaches are ignored; a split whose cover
+    is zero gives both children zero weight (their expected value counts as 0). Inputs are the
+    encoder's rows: categorical values are whole codes or NaN, so the routing of fractional
+    or negative codes (where frameworks differ) never decides a served row.
     """
 
     n_features: int
