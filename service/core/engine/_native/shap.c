@@ -394,46 +394,40 @@ static inline int go_left(const Model *m, const INode *n, float v) {
     return route_left(&n->route, m->cat_words, v);
 }
 
+/* E(Q) = sum_k w(k) [t^k] prod_{j in Q} (t + z_j) for Q = P without element `skip` (-1: none):
+ * the polynomial's coefficients built one factor at a time, in element order. */
+static double weighted_poly(const Elem *el, int d, uint64_t P, int skip, const double *w) {
+    double poly[MAX_PATH + 2];
+    int n = 0;
+    poly[0] = 1.0;
+    for (int j = 0; j < d; j++) {
+        if (j == skip || !((P >> j) & 1)) continue;
+        double z = el[j].mult;
+        poly[n + 1] = poly[n];
+        for (int i = n; i >= 1; i--) poly[i] = poly[i - 1] + z * poly[i];
+        poly[0] *= z;
+        n++;
+    }
+    double e = 0.0;
+    for (int i = 0; i <= n && i < d; i++) e += w[i] * poly[i];
+    return e;
+}
+
 static void direct_leaf(const Leaf *lf, const Elem *el, uint64_t P, double *phi) {
     /* phi_j from the closed form, O(d^3); used for leaves with d > dmax. */
     int d = lf->d;
-    double w[MAX_PATH + 1], poly[MAX_PATH + 2];
+    double w[MAX_PATH + 1];
     shap_weights(d, w);
     /* j not in P: -v Zc(P) E(P) */
     double zc = 1.0;
     for (int k = 0; k < d; k++)
         if (!((P >> k) & 1)) zc *= el[k].mult;
-    int np = 0;
-    poly[0] = 1.0;
+    double off = -lf->v * zc * weighted_poly(el, d, P, -1, w);
     for (int k = 0; k < d; k++) {
-        if (!((P >> k) & 1)) continue;
-        double z = el[k].mult;
-        poly[np + 1] = poly[np];
-        for (int i = np; i >= 1; i--) poly[i] = poly[i - 1] + z * poly[i];
-        poly[0] *= z;
-        np++;
-    }
-    double e = 0.0;
-    for (int i = 0; i <= np && i < d; i++) e += w[i] * poly[i];
-    double off = -lf->v * zc * e;
-    for (int k = 0; k < d; k++) {
-        if ((P >> k) & 1) {
-            int nq = 0;
-            poly[0] = 1.0;
-            for (int j = 0; j < d; j++) {
-                if (j == k || !((P >> j) & 1)) continue;
-                double z = el[j].mult;
-                poly[nq + 1] = poly[nq];
-                for (int i = nq; i >= 1; i--) poly[i] = poly[i - 1] + z * poly[i];
-                poly[0] *= z;
-                nq++;
-            }
-            double eq = 0.0;
-            for (int i = 0; i <= nq && i < d; i++) eq += w[i] * poly[i];
-            phi[el[k].feat] += lf->v * (1.0 - el[k].mult) * zc * eq;
-        } else {
+        if ((P >> k) & 1)
+            phi[el[k].feat] += lf->v * (1.0 - el[k].mult) * zc * weighted_poly(el, d, P, k, w);
+        else
             phi[el[k].feat] += off;
-        }
     }
 }
 
