@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -78,3 +79,20 @@ def test_published_ports_match_script_defaults(
 @pytest.mark.parametrize("service", ["kafka", "cassandra"])
 def test_every_service_has_a_health_check(compose: dict[str, Any], service: str) -> None:
     assert compose["services"][service]["healthcheck"]["test"]
+
+
+def test_the_image_carries_the_system_libraries_the_frameworks_link() -> None:
+    """The runtime stage of the Dockerfile (python:3.11-slim) installs the OpenMP runtime that
+    LightGBM's library links from the system: without it the image cannot import lightgbm."""
+    import lightgbm
+
+    library = Path(lightgbm.__file__).parent / "lib" / "lib_lightgbm.so"
+    linked = subprocess.run(["ldd", str(library)], capture_output=True, text=True, check=True)
+    system_gomp = [
+        line
+        for line in linked.stdout.splitlines()
+        if "libgomp.so.1" in line and ".libs" not in line
+    ]
+    assert system_gomp, "lightgbm no longer links the system libgomp: revisit the Dockerfile"
+    runtime_stage = (REPO / "Dockerfile").read_text().rsplit("FROM ", 1)[1]
+    assert "libgomp1" in runtime_stage
