@@ -18,5 +18,8 @@ setup(
             extra_compile_args=["-O3", "-std=c11", "-fno-strict-aliasing", "-Wall", "-Wextra"],
         )
     ],
-    package_data={"service.core.engine._native": ["*.pyi", "*.c", "*.h"]},
+    package_data={
+        "service.core.engine._native": ["*.pyi", "*.c", "*.h"],
+        "service.api.ui": ["templates/*.html", "static/*"],
+    },
 )

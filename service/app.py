@@ -12,6 +12,7 @@ from service.api.docs import install_docs
 from service.api.middleware import BodyLimit, LoadShedding, RequestMetrics
 from service.api.openapi import ApiDocument
 from service.api.problems import install_problem_handlers
+from service.api.ui import install_console
 from service.metrics import Metrics, create_metrics
 from service.resources import open_resources
 from service.settings import Settings
@@ -59,6 +60,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.include_router(audit.router)
     # After the API's routes: a request is matched against the routes in order.
     install_docs(app)
+    install_console(app, settings.console)
     # The last added runs first: every request is counted, then shed or let in, then limited.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(

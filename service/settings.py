@@ -109,6 +109,23 @@ class GatewaySettings(BaseModel):
     store_open_s: float = Field(default=1.0, gt=0)
 
 
+class ConsoleSettings(BaseModel):
+    """The web console (service/api/ui): sessions, and what its adverse-action notices print."""
+
+    # A signed-in browser's session lasts this long from sign-in, then asks for the key again.
+    session_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    # Signs session cookies. Unset: a random secret per process, so sessions end at a restart
+    # and each gateway process has its own; set one (32+ characters) shared by every replica
+    # behind a load balancer.
+    session_secret: SecretStr | None = Field(default=None, min_length=32)
+    # Bars of the waterfall before the rest are grouped as "N other features" (shap's default).
+    max_bars: int = Field(default=10, ge=2, le=100)
+    # The creditor and its regulator, as Regulation B (12 CFR 1002.9) has a notice name them.
+    lender_name: str = "Demo Lender"
+    lender_address: str = "1 Example Street, Springfield"
+    regulator: str = "Consumer Financial Protection Bureau, 1700 G Street NW, Washington, DC 20552"
+
+
 class Settings(BaseSettings):
     """One settings object per process, built in `main()` or `create_app()`, never at import."""
 
@@ -133,6 +150,7 @@ class Settings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     spool: SpoolSettings = SpoolSettings()
     gateway: GatewaySettings = GatewaySettings()
+    console: ConsoleSettings = ConsoleSettings()
 
     @property
     def spool_dir(self) -> Path:

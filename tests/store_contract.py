@@ -21,6 +21,7 @@ from service.core.ports import ExplanationStore, ModelConflictError
 from service.core.records import (
     BinaryPrediction,
     Claim,
+    DecisionCursor,
     DecisionRecord,
     Features,
     ModelArtifact,
@@ -292,6 +293,42 @@ class StoreContract:
         assert read == stored(record)
         assert read.record_hash == record.record_hash
         assert verify_record(read)
+
+    async def test_recent_lists_a_day_newest_first_a_page_at_a_time(
+        self, store: ExplanationStore
+    ) -> None:
+        version = f"sha256:{uuid.uuid4().hex}"
+        noon = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+        day = (noon - timedelta(days=1)).date()
+        at = [noon - timedelta(days=1, seconds=s) for s in (0, 5, 5, 9, 30)]
+        records = [with_version(binary_record(i, decided_at=t), version) for i, t in enumerate(at)]
+        approved = BinaryPrediction(probability=0.1, margin=-2.2, decision="approve")
+        records[1] = sealed(records[1].model_copy(update={"prediction": approved}))
+        # Another day, and another version, never listed.
+        records.append(with_version(binary_record(7, decided_at=noon), version))
+        await store.write([*records, binary_record(8, decided_at=at[0])])
+        # Newest first; the two decided in one millisecond by transaction id, descending.
+        expected = sorted(records[:5], key=lambda r: (r.decided_at, r.transaction_id))[::-1]
+
+        first = await store.recent(version, day, 2)
+        rest = await store.recent(
+            version, day, 10, DecisionCursor(first[-1].decided_at, first[-1].transaction_id)
+        )
+        listed = [*first, *rest]
+        assert [row.transaction_id for row in listed] == [r.transaction_id for r in expected]
+        assert [row.decided_at for row in listed] == [to_ms(r.decided_at) for r in expected]
+        assert all(row.model == r.model for row, r in zip(listed, expected, strict=True))
+        assert [row.prediction for row in listed] == [r.prediction for r in expected]
+        denials = await store.recent(version, day, 10, decision="deny")
+        assert [row.transaction_id for row in denials] == [
+            r.transaction_id for r in expected if r.transaction_id != records[1].transaction_id
+        ]
+        assert await store.recent(version, day - timedelta(days=1), 10) == []
+
+    async def test_model_names_name_every_stored_version(self, store: ExplanationStore) -> None:
+        version = f"sha256:{uuid.uuid4().hex}"
+        await store.put_model(model_artifact(version))
+        assert (await store.model_names())[version] == "german-credit"
 
     async def test_missing_transaction_is_none(self, store: ExplanationStore) -> None:
         assert await store.get(new_id()) is None

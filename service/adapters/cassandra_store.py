@@ -13,7 +13,7 @@ import zlib
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Self
 
 from cassandra import ConsistencyLevel, InvalidRequest, ProtocolVersion
@@ -53,6 +53,8 @@ from service.adapters.cql_batches import grouped_batches
 from service.adapters.record_codec import (
     RecordColumns,
     claims_by_record,
+    day_start,
+    decision_summary,
     from_columns,
     to_columns,
     to_epoch_ms,
@@ -60,7 +62,13 @@ from service.adapters.record_codec import (
     utc_days,
 )
 from service.core.ports import ModelConflictError
-from service.core.records import Claim, DecisionRecord, ModelArtifact
+from service.core.records import (
+    Claim,
+    DecisionCursor,
+    DecisionRecord,
+    DecisionSummary,
+    ModelArtifact,
+)
 from service.core.schema import ModelSchema
 from service.hosts import parse_host_ports
 from service.settings import CassandraSettings, Settings
@@ -213,6 +221,19 @@ SELECT_MODEL = "SELECT name, schema_json, model_json FROM {keyspace}.models WHER
 
 # A scan of the small models table (one row per version ever registered).
 SELECT_MODEL_VERSIONS = "SELECT model_version FROM {keyspace}.models"
+SELECT_MODEL_NAMES = "SELECT model_version, name FROM {keyspace}.models"
+
+# The newest decisions of a (version, day): every bucket in one request, merged newest first by
+# the coordinator (an IN on the partition key with ORDER BY needs paging off; LIMIT bounds it).
+# ~0.1 s for 2,048 buckets on one node. The decision filter reads only the partitions named.
+_SELECT_RECENT = """
+SELECT txn_id, model_name, decided_at, prediction FROM {{keyspace}}.decisions_by_day
+WHERE model_version = ? AND day = ? AND bucket IN ? AND (decided_at, txn_id) < (?, ?){filter}
+ORDER BY decided_at DESC, txn_id DESC LIMIT ?{allow}"""
+SELECT_RECENT = _SELECT_RECENT.format(filter="", allow="")
+SELECT_RECENT_BY_DECISION = _SELECT_RECENT.format(
+    filter=" AND decision = ?", allow=" ALLOW FILTERING"
+)
 
 # One (version, day, bucket) partition, sliced by time; columns as in SELECT_DECISION.
 SELECT_DAY_PARTITION = """
@@ -356,7 +377,10 @@ class _Statements:
     insert_model: PreparedStatement
     select_model: PreparedStatement
     select_model_versions: PreparedStatement
+    select_model_names: PreparedStatement
     select_day_partition: PreparedStatement
+    select_recent: PreparedStatement
+    select_recent_by_decision: PreparedStatement
 
 
 class CassandraStore:
@@ -549,6 +573,51 @@ class CassandraStore:
         ]
         return sorted(versions)
 
+    async def model_names(self) -> dict[str, str]:
+        statements = await self._statements.get()
+        query = statements.select_model_names.bind(())
+        return {
+            row["model_version"]: row["name"]
+            async for page in self._pages_in_order(iter([query]))
+            for row in page
+        }
+
+    async def recent(
+        self,
+        model_version: str,
+        day: date,
+        limit: int,
+        before: DecisionCursor | None = None,
+        decision: str | None = None,
+    ) -> list[DecisionSummary]:
+        statements = await self._statements.get()
+        buckets = list(range(self._settings.day_buckets))
+        if before is None:
+            # ("", the next day's first instant): every decision of the day comes before it.
+            before = DecisionCursor(day_start(day + timedelta(days=1)), "")
+        values: list[Any] = [
+            model_version,
+            day,
+            buckets,
+            to_epoch_ms(before.decided_at),
+            before.transaction_id,
+        ]
+        statement = statements.select_recent
+        if decision is not None:
+            statement = statements.select_recent_by_decision
+            values.append(decision)
+        rows = await execute(self._session, statement, [*values, limit])
+        return [
+            decision_summary(
+                row["txn_id"],
+                row["model_name"],
+                model_version,
+                driver_ms(row["decided_at"]),
+                row["prediction"],
+            )
+            for row in rows
+        ]
+
     async def scan(
         self, model_version: str, start: datetime, end: datetime
     ) -> AsyncGenerator[DecisionRecord, None]:
@@ -693,6 +762,11 @@ class CassandraStore:
         def idempotent(cql: str, page_rows: int | None = None) -> PreparedStatement:
             return prepare(self._session, self.keyspace, cql, idempotent=True, page_rows=page_rows)
 
+        def unpaged(cql: str) -> PreparedStatement:
+            statement = idempotent(cql)
+            statement.fetch_size = None
+            return statement
+
         return _Statements(
             insert_by_txn=idempotent(INSERT_DECISION_BY_TXN),
             insert_by_day=idempotent(INSERT_DECISION_BY_DAY),
@@ -701,5 +775,8 @@ class CassandraStore:
             insert_model=prepare(self._session, self.keyspace, INSERT_MODEL, idempotent=False),
             select_model=idempotent(SELECT_MODEL),
             select_model_versions=idempotent(SELECT_MODEL_VERSIONS),
+            select_model_names=idempotent(SELECT_MODEL_NAMES),
             select_day_partition=idempotent(SELECT_DAY_PARTITION, page_rows=SCAN_PAGE_ROWS),
+            select_recent=unpaged(SELECT_RECENT),
+            select_recent_by_decision=unpaged(SELECT_RECENT_BY_DECISION),
         )

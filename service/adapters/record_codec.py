@@ -15,16 +15,21 @@
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, timedelta
+from functools import cache
 from typing import Any
 
 import numpy as np
 import orjson
+from pydantic import TypeAdapter
 
 from service.core.records import (
     BinaryPrediction,
     Claim,
     DecisionRecord,
+    DecisionSummary,
+    ModelRef,
     MulticlassPrediction,
+    Prediction,
     RegressionPrediction,
 )
 
@@ -47,6 +52,11 @@ def from_epoch_ms(ms: int) -> datetime:
 
 def utc_day(ms: int) -> date:
     return from_epoch_ms(ms).date()
+
+
+def day_start(day: date) -> datetime:
+    """The first instant of a UTC day."""
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
 def utc_days(start_ms: int, end_ms: int) -> list[date]:
@@ -172,4 +182,22 @@ def from_columns(columns: RecordColumns) -> DecisionRecord:
             "protected_share": columns.protected_share,
             "record_hash": columns.record_hash,
         }
+    )
+
+
+@cache
+def _prediction_adapter() -> TypeAdapter[Prediction]:
+    # Built on first use, not at import.
+    return TypeAdapter(Prediction)
+
+
+def decision_summary(
+    txn_id: str, model_name: str, model_version: str, decided_at_ms: int, prediction: bytes
+) -> DecisionSummary:
+    """A list line from a decision row's stored columns."""
+    return DecisionSummary(
+        transaction_id=txn_id,
+        model=ModelRef(name=model_name, version=model_version),
+        decided_at=from_epoch_ms(decided_at_ms),
+        prediction=_prediction_adapter().validate_json(prediction),
     )

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -20,13 +20,21 @@ import orjson
 from service.adapters.record_codec import (
     RecordColumns,
     claims_by_record,
+    day_start,
+    decision_summary,
     from_columns,
     to_columns,
     to_epoch_ms,
 )
 from service.adapters.sqlite_files import private_database
 from service.core.ports import ModelConflictError
-from service.core.records import Claim, DecisionRecord, ModelArtifact
+from service.core.records import (
+    Claim,
+    DecisionCursor,
+    DecisionRecord,
+    DecisionSummary,
+    ModelArtifact,
+)
 from service.core.schema import ModelSchema
 from service.errors import StoreUnavailable
 from service.settings import Settings
@@ -121,6 +129,16 @@ INSERT OR IGNORE INTO models (
 SELECT_MODEL = "SELECT name, schema_json, model_json FROM models WHERE model_version = ?"
 
 SELECT_MODEL_VERSIONS = "SELECT model_version FROM models ORDER BY model_version"
+SELECT_MODEL_NAMES = "SELECT model_version, name FROM models"
+
+# The newest decisions of a version on a day, strictly before a (decided_at, txn_id) cursor.
+_SELECT_RECENT = """
+SELECT txn_id, model_name, decided_at_ms, prediction FROM decisions
+WHERE model_version = ? AND decided_at_ms >= ? AND (decided_at_ms, txn_id) < (?, ?)
+  AND expires_at_ms > ?{filter}
+ORDER BY decided_at_ms DESC, txn_id DESC LIMIT ?"""
+SELECT_RECENT = _SELECT_RECENT.format(filter="")
+SELECT_RECENT_BY_DECISION = _SELECT_RECENT.format(filter=" AND decision = ?")
 
 # Columns in `RecordColumns` order. The (model_version, decided_at_ms) index gives the time
 # order; only rows sharing a millisecond are sorted by txn_id on the side.
@@ -267,6 +285,38 @@ class SqliteStore:
     async def model_versions(self) -> list[str]:
         rows = await self._run(self._fetch_all, SELECT_MODEL_VERSIONS, ())
         return [version for (version,) in rows]
+
+    async def model_names(self) -> dict[str, str]:
+        rows = await self._run(self._fetch_all, SELECT_MODEL_NAMES, ())
+        return dict(rows)
+
+    async def recent(
+        self,
+        model_version: str,
+        day: date,
+        limit: int,
+        before: DecisionCursor | None = None,
+        decision: str | None = None,
+    ) -> list[DecisionSummary]:
+        start = day_start(day)
+        if before is None:
+            before = DecisionCursor(start + timedelta(days=1), "")
+        values: list[Any] = [
+            model_version,
+            to_epoch_ms(start),
+            to_epoch_ms(before.decided_at),
+            before.transaction_id,
+            _now_ms(),
+        ]
+        sql = SELECT_RECENT
+        if decision is not None:
+            sql = SELECT_RECENT_BY_DECISION
+            values.append(decision)
+        rows = await self._run(self._fetch_all, sql, (*values, limit))
+        return [
+            decision_summary(txn, name, model_version, decided_at_ms, prediction)
+            for txn, name, decided_at_ms, prediction in rows
+        ]
 
     async def scan(
         self, model_version: str, start: datetime, end: datetime

@@ -3,10 +3,12 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
+from starlette.responses import HTMLResponse
 
 from service.api.auth import AUTH_RESPONSES, ExplanationReader, note_denial, record_access
 from service.api.deps import State
 from service.api.middleware import WAITED
+from service.api.ui.notice import notice_page
 from service.core.access import Action
 from service.core.lookup import wait_for_record
 from service.core.views import ExplanationView, explanation_view
@@ -48,3 +50,31 @@ async def get_explanation(
     await record_access(state, caller, Action.EXPLANATION_READ, transaction_id)
     model = await state.registry.get_version(record.model.version, state.store.get_model)
     return explanation_view(record, model.schema)
+
+
+@router.get(
+    "/v1/explanations/{transaction_id}/notice",
+    response_class=HTMLResponse,
+    responses={
+        **AUTH_RESPONSES,
+        200: {"content": {"text/html": {}}, "description": "the notice, as HTML"},
+        404: {"description": "unknown, or not explained yet"},
+    },
+)
+async def get_notice(
+    transaction_id: Annotated[str, Path(min_length=1, max_length=128)],
+    request: Request,
+    state: State,
+    caller: ExplanationReader,
+) -> HTMLResponse:
+    """The adverse-action notice of a decision as HTML (the console's printable letter).
+
+    For a denial: the statement of principal reasons from the stored record, the ECOA notice,
+    the lender's name and address. For an approval: that no adverse action was taken.
+    """
+    record = await state.store.get(transaction_id)
+    if record is None:
+        note_denial(state, request, Action.DENIED_NOT_FOUND, caller.name)
+        raise NotFound(f"No explanation for transaction {transaction_id!r} (yet).")
+    await record_access(state, caller, Action.EXPLANATION_READ, transaction_id)
+    return notice_page(request, record, None)

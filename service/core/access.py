@@ -28,6 +28,9 @@ class Action(StrEnum):
     """What an access log entry records: a disclosure, or an attempt that was refused."""
 
     EXPLANATION_READ = "explanation.read"
+    # A page of the console's list of decisions (their ids, outcomes and scores); target
+    # "MODEL/DAY".
+    DECISION_LIST = "decision.list"
     AUDIT_EXPORT = "audit.export"
     # Refused (an examiner asks who tried, not only who read): 401, 403, and a 404 on an
     # explanation (a probe for transaction ids). See service/core/denials.py.

@@ -53,7 +53,10 @@ class KeyVerifier:
         """The stored key, or None when `key` is unknown (unknown answers are cached too)."""
         if not key or len(key) > MAX_KEY_LENGTH:
             return None
-        key_hash = hash_key(key)
+        return await self.verify_hash(hash_key(key))
+
+    async def verify_hash(self, key_hash: str) -> ApiKey | None:
+        """As `verify`, for a key known by its hash (a console session holds only the hash)."""
         now = self._clock()
         cached = self._cache.get(key_hash)
         if cached is not None and cached.verified_at + self._cache_s > now:

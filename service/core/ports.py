@@ -2,11 +2,18 @@
 
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Protocol
 
 from service.core.access import AccessEntry, ApiKey
-from service.core.records import Claim, DecisionEvent, DecisionRecord, ModelArtifact
+from service.core.records import (
+    Claim,
+    DecisionCursor,
+    DecisionEvent,
+    DecisionRecord,
+    DecisionSummary,
+    ModelArtifact,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +94,22 @@ class ExplanationStore(Protocol):
 
     async def model_versions(self) -> list[str]:
         """Every model version ever stored with `put_model`, sorted."""
+        ...
+
+    async def model_names(self) -> dict[str, str]:
+        """The name of every stored model version, by version."""
+        ...
+
+    async def recent(
+        self,
+        model_version: str,
+        day: date,
+        limit: int,
+        before: DecisionCursor | None = None,
+        decision: str | None = None,
+    ) -> list[DecisionSummary]:
+        """Up to `limit` decisions of `model_version` on `day` (UTC), newest first, strictly
+        before `before`, only those whose decision text is `decision` when given."""
         ...
 
     def scan(

@@ -1,5 +1,6 @@
 """The decision event (what the gateway publishes) and the decision record (what is stored)."""
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Final, Literal
 
@@ -170,3 +171,20 @@ class Claim(Wire):
     transaction_id: str
     request_hash: str
     response: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionSummary:
+    """A line of a list of decisions: enough to find one, none of its inputs or attributions."""
+
+    transaction_id: str
+    model: ModelRef
+    decided_at: datetime
+    prediction: Prediction
+
+
+# Where a page of recent decisions ends: the next page starts strictly before it.
+@dataclass(frozen=True, slots=True)
+class DecisionCursor:
+    decided_at: datetime
+    transaction_id: str

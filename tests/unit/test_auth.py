@@ -54,6 +54,12 @@ ROUTES = (
         Scope.EXPLANATIONS_READ,
         f"/v1/explanations/{TXN}",
     ),
+    Route(
+        "GET",
+        "/v1/explanations/{transaction_id}/notice",
+        Scope.EXPLANATIONS_READ,
+        f"/v1/explanations/{TXN}/notice",
+    ),
     Route("GET", "/v1/models", None, "/v1/models"),
     Route("GET", "/v1/audit/access-log", Scope.AUDIT_EXPORT, "/v1/audit/access-log"),
     Route("GET", "/v1/audit/export", Scope.AUDIT_EXPORT, f"/v1/audit/export?{EXPORT_RANGE}"),
