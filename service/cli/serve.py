@@ -70,6 +70,7 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
         f"Cassandra {settings.cassandra.hosts}, models {settings.models_dir}"
     )
     typer.echo(f"  API   http://{host}:{port}/v1/predictions (Ctrl+C stops)")
+    typer.echo(f"  UI    http://{host}:{port}/ui/ (sign in with an explanations:read key)")
     typer.echo("  keys  shapstream keys create --name NAME --scopes predict,explanations:read")
     _listen(settings, sock)
 
@@ -84,6 +85,7 @@ def run(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     typer.echo(f"shapstream (embedded): state in {settings.data_dir}, models {settings.models_dir}")
     typer.echo(f"  API   http://{host}:{port}/v1/predictions (Ctrl+C stops)")
     typer.echo(f"  docs  http://{host}:{port}/docs")
+    typer.echo(f"  UI    http://{host}:{port}/ui/ (sign in with the development key)")
     # The key itself is printed once, by the app when it creates it (service/resources.py).
     key_file = shlex.quote(str(settings.data_dir / DEV_KEY_FILE))
     typer.echo(

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import xgboost as xgb
+from sklearn.datasets import load_wine
 
 from service.api.ui import decisions as decision_pages
 from service.api.ui.session import COOKIE, Sessions, safe_next
 from service.app import create_app
 from service.core.access import Scope, new_api_key
 from service.settings import ConsoleSettings, Settings
+from service.tools.model_init import init_model_dir
 from tests.api_client import MODELS, asgi_client, bearer, dev_key, german_rows
 from tests.polling import until
 from tests.unit.test_auth import put_key
@@ -37,14 +40,16 @@ async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def decide(client: httpx.AsyncClient, key: str, txn: str, row: dict[str, object]) -> str:
-    """Decide and wait for the explanation; the decision ("approve" or "deny")."""
+    """Decide and wait for the explanation; the decision ("approve" or "deny"), or the task
+    of a model that does not decide."""
     answer = await client.post(
         "/v1/predictions", json={"transaction_id": txn, "features": row}, headers=bearer(key)
     )
     assert answer.status_code == 200, answer.text
     found = await client.get(f"/v1/explanations/{txn}", params={"wait": 10}, headers=bearer(key))
     assert found.status_code == 200, found.text
-    decision: str = answer.json()["prediction"]["decision"]
+    prediction = answer.json()["prediction"]
+    decision: str = prediction.get("decision") or prediction["task"]
     return decision
 
 
@@ -320,3 +325,28 @@ def test_a_new_key_is_never_in_a_session_cookie() -> None:
     key, _ = new_api_key("someone", frozenset(Scope))
     cookie = Sessions(None, ttl_s=60).issue(key)
     assert key not in cookie
+
+
+async def test_a_multiclass_decision_has_a_waterfall_per_class(tmp_path: Path) -> None:
+    x, y = load_wine(return_X_y=True)
+    params = {"objective": "multi:softprob", "num_class": 3, "max_depth": 3, "nthread": 1}
+    booster = xgb.train(params, xgb.DMatrix(x, y), 20)
+    booster.save_model(tmp_path / "wine.json")
+    labels = ["barolo", "grignolino", "barbera"]
+    schema = init_model_dir(tmp_path / "wine.json", tmp_path / "models" / "wine", classes=labels)
+    settings = Settings(mode="embedded", data_dir=tmp_path / "data", models_dir=tmp_path / "models")
+    async with asgi_client(create_app(settings)) as client:
+        key = dev_key(tmp_path / "data")
+        row = dict(zip(schema.feature_names, map(float, x[70]), strict=True))
+        await decide(client, key, "wine-1", row)
+        api = (await client.get("/v1/explanations/wine-1", headers=bearer(key))).json()
+        await sign_in(client, key)
+        for label in labels:
+            page = (await client.get("/ui/decisions/wine-1", params={"class": label})).text
+            assert re.findall(r'<option value="([^"]*)"', page) == labels
+            assert f'<option value="{label}" selected>' in page
+            shown = bars(page)
+            base, fx = float(attribute(page, "data-base")), float(attribute(page, "data-fx"))
+            assert base == api["base_value"][label]
+            assert fx == api["prediction"]["margins"][label]
+            assert abs(base + sum(v for _, v in shown) - fx) < 1e-5
