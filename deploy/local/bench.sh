@@ -9,6 +9,9 @@ mkdir -p bench/out
 echo "==> TreeSHAP engines on the two reference models"
 bash bench/engine.sh
 
+echo "==> console: the decision page's load in Chromium, against the JSON API it shows"
+$PY -m bench.console --runs 20
+
 # Stop only what this run starts: servers a developer already had running stay up.
 if $SERVICES status >/dev/null 2>&1; then
   echo "==> using the Kafka and Cassandra already running"

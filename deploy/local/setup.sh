@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # `make setup-run` / `make setup`: a working Python 3.11 venv in $VENV with shapstream installed
-# (editable), for running only (`run`) or with the test and lint tools too (`dev`).
+# (editable), for running only (`run`) or with the test and lint tools too (`dev`), and for
+# `dev` the Chromium that tests/browser drives (Debian's, installed with apt when missing).
 #
-# Fast when nothing changed (it is run by every `make run`): it only checks that the venv still
-# works and that its install is newer than pyproject.toml, setup.py and the C kernel. A venv
-# that another interpreter made, or that no longer works (its Python moved, a half-made venv),
-# is rebuilt, with a line saying so: it would otherwise fail on every run until `make clean`.
+# Fast when nothing changed (it is run by every `make run` and `make test`): it only checks that
+# the venv still works, that its install is newer than pyproject.toml, setup.py and the C kernel,
+# and (`dev`) that Chromium is there. A venv that another interpreter made, or that no longer
+# works (its Python moved, a half-made venv), is rebuilt, with a line saying so: it would
+# otherwise fail on every run until `make clean`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -14,6 +16,9 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-$(command -v python3.11 || echo python3)}
 NEEDED=3.11
 PY=$VENV/bin/python
+# The browser of tests/browser and bench/console.py (they read CHROMIUM too). Never `playwright
+# install`: it downloads browsers from a CDN, and Debian's Chromium is what tests run on.
+CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
 # What the install is made from: a change to any of them reinstalls.
 SOURCES=(pyproject.toml setup.py service/core/engine/_native/*.[ch])
 
@@ -49,6 +54,39 @@ venv_problem() {
   fi
 }
 
+# For `dev`: Debian's Chromium at $CHROMIUM, installed with apt when missing (as root, else with
+# sudo). A no-op when it is there; apt's lists are fetched only when they lack the package.
+ensure_chromium() {
+  [ -x "$CHROMIUM" ] && return 0
+  local sudo="" log
+  local what="install it (apt-get install chromium), or set CHROMIUM=/path/to/chromium"
+  command -v apt-get >/dev/null ||
+    fail "the browser tests need Chromium, and there is no apt-get to install Debian's:" \
+      "install Chromium and set CHROMIUM=/path/to/chromium"
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null ||
+      fail "the browser tests need Chromium, and installing it needs root: $what"
+    sudo=sudo
+  fi
+  say "installing Chromium for the browser tests: ${sudo:+sudo }apt-get install chromium"
+  if ! log=$($sudo apt-get install -y --no-install-recommends chromium 2>&1); then
+    # A fresh image has no package lists yet: fetch them, then try once more.
+    if grep -q -e "Unable to locate package" -e "has no installation candidate" <<<"$log"; then
+      say "apt knows no chromium package: ${sudo:+sudo }apt-get update, then again"
+      log=$($sudo apt-get update 2>&1 &&
+        $sudo apt-get install -y --no-install-recommends chromium 2>&1) || {
+        tail -20 <<<"$log" >&2
+        fail "installing Chromium failed (above): $what"
+      }
+    else
+      tail -20 <<<"$log" >&2
+      fail "installing Chromium failed (above): $what"
+    fi
+  fi
+  [ -x "$CHROMIUM" ] || fail "apt installed chromium, yet CHROMIUM=$CHROMIUM is missing" \
+    "(Debian's is /usr/bin/chromium)"
+}
+
 # True when the install stamp $1 is newer than every source of the install.
 fresh() {
   local source
@@ -66,6 +104,7 @@ fi
 
 # A dev install holds everything a run needs.
 if fresh "$VENV/.installed-$want" || { [ "$want" = run ] && fresh "$VENV/.installed-dev"; }; then
+  if [ "$want" = dev ]; then ensure_chromium; fi
   exit 0
 fi
 
@@ -108,3 +147,4 @@ fi
 rm -f "$VENV/.installed" # the stamp the Makefile used before this script
 touch "$VENV/.installed-$want"
 if [ "$want" = dev ]; then touch "$VENV/.installed-run"; fi
+if [ "$want" = dev ]; then ensure_chromium; fi

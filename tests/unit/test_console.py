@@ -206,7 +206,7 @@ async def test_the_decision_page_shows_the_stored_numbers_and_is_logged_as_a_rea
     assert fx == api["prediction"]["margin"]
     assert abs(base + sum(v for _, v in shown) - fx) < 1e-6
     assert attribute(page, "data-verified") == "true"
-    reasons = re.findall(r'<li data-family="([^"]*)">([^<]*) <span', page)
+    reasons = re.findall(r'<li data-family="([^"]*)"[^>]*><span class="reason-text">([^<]*)<', page)
     assert [(f, unescape(t)) for f, t in reasons] == [
         (r["family"], r["reason"]) for r in api["reasons"]
     ]
@@ -337,7 +337,7 @@ async def test_a_multiclass_decision_has_a_waterfall_per_class(tmp_path: Path) -
     settings = Settings(mode="embedded", data_dir=tmp_path / "data", models_dir=tmp_path / "models")
     async with asgi_client(create_app(settings)) as client:
         key = dev_key(tmp_path / "data")
-        row = dict(zip(schema.feature_names, map(float, x[70]), strict=True))
+        row: dict[str, object] = dict(zip(schema.feature_names, map(float, x[70]), strict=True))
         await decide(client, key, "wine-1", row)
         api = (await client.get("/v1/explanations/wine-1", headers=bearer(key))).json()
         await sign_in(client, key)

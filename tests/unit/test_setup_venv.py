@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+BASH = shutil.which("bash") or "bash"
 # What the install is made from; setup.sh compares its stamp with them.
 SOURCES = (
     "pyproject.toml",
@@ -68,10 +69,20 @@ def _venv(checkout: Path, made_by: str, runs: str | None = "3.11") -> Path:
     return venv
 
 
-def _setup(checkout: Path, python: Path, want: str = "run") -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ["PATH"], "PYTHON": str(python), "VENV": ".venv"}
+def _setup(
+    checkout: Path, python: Path, want: str = "run", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """setup.sh with `python`; `dev` finds a stand-in Chromium unless `env` says otherwise."""
+    chromium = _script(checkout / "stand-in/chromium", "exit 0")
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHON": str(python),
+        "VENV": ".venv",
+        "CHROMIUM": str(chromium),
+        **(env or {}),
+    }
     return subprocess.run(
-        ["bash", "deploy/local/setup.sh", want],
+        [BASH, "deploy/local/setup.sh", want],
         cwd=checkout,
         env=env,
         capture_output=True,
@@ -181,3 +192,125 @@ def test_no_c_compiler_is_named_before_the_install(checkout: Path) -> None:
         "shapstream setup: the TreeSHAP kernel is C, and no compiler was found (no-such-cc). "
         "Install one (e.g. apt install gcc, or xcode-select --install), or set CC"
     ]
+
+
+# What setup.sh runs besides bash's builtins, apt-get, sudo and id (stand-ins below); and what
+# the stand-ins run.
+TOOLS = ("dirname", "sed", "head", "grep", "tail", "touch", "mkdir", "chmod")
+
+
+def _system(checkout: Path, *, uid: int, sudo: bool, apt: str) -> dict[str, str]:
+    """A PATH of the tools setup.sh uses, with stand-ins for `id`, `sudo` (when `sudo`) and
+    `apt-get` (whose body is `apt`), each logging its arguments to calls.log; and CHROMIUM
+    pointing at where the stand-in apt installs it."""
+    bin_dir = checkout / "system-bin"
+    bin_dir.mkdir()
+    for tool in TOOLS:
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (bin_dir / tool).symlink_to(found)
+    calls = checkout / "calls.log"
+    _script(bin_dir / "id", f'echo "id $*" >>{calls}; echo {uid}')
+    if sudo:
+        _script(bin_dir / "sudo", f'echo "sudo $*" >>{calls}; exec "$@"')
+    _script(bin_dir / "apt-get", f'echo "apt-get $*" >>{calls}\n{apt}')
+    chromium = checkout / "usr/bin/chromium"
+    return {"PATH": str(bin_dir), "CHROMIUM": str(chromium)}
+
+
+def _calls(checkout: Path) -> list[str]:
+    calls = checkout / "calls.log"
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+# A stand-in apt-get: `install` puts an executable at $CHROMIUM.
+INSTALLS = 'mkdir -p "$(dirname "$CHROMIUM")"; echo "#!/bin/sh" >"$CHROMIUM"; chmod +x "$CHROMIUM"'
+INSTALL = "apt-get install -y --no-install-recommends chromium"
+
+
+def test_dev_setup_with_chromium_present_says_nothing(checkout: Path) -> None:
+    _venv(checkout, "3.11.7")
+    env = _system(checkout, uid=0, sudo=False, apt="exit 1")
+    Path(env["CHROMIUM"]).parent.mkdir(parents=True)
+    _script(Path(env["CHROMIUM"]), "exit 0")
+    done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    assert _calls(checkout) == []
+
+
+def test_run_setup_never_looks_for_chromium(checkout: Path) -> None:
+    _venv(checkout, "3.11.7")
+    env = _system(checkout, uid=0, sudo=False, apt="exit 1")
+    done = _setup(checkout, _python(checkout / "python3.11", "3.11"), env=env)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    assert _calls(checkout) == []
+
+
+@pytest.mark.parametrize(("uid", "sudo"), [(0, False), (1000, True)], ids=["root", "sudo"])
+def test_dev_setup_installs_a_missing_chromium_with_apt(
+    checkout: Path, uid: int, sudo: bool
+) -> None:
+    # An up-to-date venv: the stamp's early exit still checks for Chromium.
+    _venv(checkout, "3.11.7")
+    env = _system(checkout, uid=uid, sudo=sudo, apt=f'case "$1" in install) {INSTALLS} ;; esac')
+    done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
+    as_root = "sudo " if sudo else ""
+    assert (done.returncode, done.stdout) == (0, ""), done.stderr
+    assert done.stderr.splitlines() == [
+        f"==> installing Chromium for the browser tests: {as_root}apt-get install chromium"
+    ]
+    assert [c for c in _calls(checkout) if not c.startswith("id")] == (
+        [f"sudo {INSTALL}", INSTALL] if sudo else [INSTALL]
+    )
+    assert os.access(env["CHROMIUM"], os.X_OK)
+
+
+def test_apt_lists_are_fetched_only_when_they_lack_chromium(checkout: Path) -> None:
+    _venv(checkout, "3.11.7")
+    # No lists until `apt-get update` made them.
+    lists = checkout / "apt-lists"
+    apt = (
+        'case "$1" in\n'
+        f"  update) touch {lists} ;;\n"
+        f"  install) [ -e {lists} ] || {{ echo 'E: Unable to locate package chromium' >&2; "
+        f"exit 100; }}; {INSTALLS} ;;\n"
+        "esac"
+    )
+    env = _system(checkout, uid=0, sudo=False, apt=apt)
+    done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
+    assert (done.returncode, done.stdout) == (0, ""), done.stderr
+    assert done.stderr.splitlines() == [
+        "==> installing Chromium for the browser tests: apt-get install chromium",
+        "==> apt knows no chromium package: apt-get update, then again",
+    ]
+    assert [c for c in _calls(checkout) if not c.startswith("id")] == [
+        INSTALL,
+        "apt-get update",
+        INSTALL,
+    ]
+
+
+def test_a_failed_chromium_install_says_what_to_install(checkout: Path) -> None:
+    _venv(checkout, "3.11.7")
+    env = _system(checkout, uid=0, sudo=False, apt="echo 'E: Could not get lock' >&2; exit 100")
+    done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "==> installing Chromium for the browser tests: apt-get install chromium",
+        "E: Could not get lock",
+        "shapstream setup: installing Chromium failed (above): install it (apt-get install "
+        "chromium), or set CHROMIUM=/path/to/chromium",
+    ]
+    assert "apt-get update" not in _calls(checkout)
+
+
+def test_no_root_and_no_sudo_says_what_to_install(checkout: Path) -> None:
+    _venv(checkout, "3.11.7")
+    env = _system(checkout, uid=1000, sudo=False, apt="exit 1")
+    done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "shapstream setup: the browser tests need Chromium, and installing it needs root: "
+        "install it (apt-get install chromium), or set CHROMIUM=/path/to/chromium"
+    ]
+    assert [c for c in _calls(checkout) if not c.startswith("id")] == []
