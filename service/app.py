@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import access_log, audit, explanations, health, models, predictions
+from service.api import access_log, audit, explanations, health, models, population, predictions
 from service.api.deps import STATE_KEY
 from service.api.docs import install_docs
 from service.api.middleware import BodyLimit, LoadShedding, RequestMetrics
@@ -58,6 +58,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         app.include_router(router)
     app.include_router(access_log.router)
     app.include_router(audit.router)
+    app.include_router(population.router)
     # After the API's routes: a request is matched against the routes in order.
     install_docs(app)
     install_console(app, settings.console)

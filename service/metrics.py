@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+ADDITIVITY_BUCKETS = (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,26 @@ class Metrics:
     denials: Counter
     build_info: Gauge
     model_info: Gauge
+    additivity_error: Histogram
+    population: "PopulationMetrics"
+
+
+@dataclass(frozen=True)
+class PopulationMetrics:
+    """Today's population figures per model version (service/core/population), from the stored
+    aggregates: set by the gateway's refresher, never computed per request. Labels: model
+    name, the version's first 12 characters, and a feature or outcome or family of its schema
+    (bounded by the schema, never by traffic)."""
+
+    drift_psi: Gauge
+    drift_js: Gauge
+    drift_ks: Gauge
+    drifting: Gauge
+    input_drift_psi: Gauge
+    ndcg: Gauge
+    decisions: Gauge
+    reasons: Gauge
+    refreshed: Gauge
 
 
 @dataclass(frozen=True)
@@ -253,6 +274,79 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "1 for each model version this process holds: the versions a gateway serves, the "
             "versions a worker has loaded to explain with since it started.",
             ["name", "version"],
+            registry=reg,
+        ),
+        additivity_error=Histogram(
+            "shapstream_additivity_error",
+            "Additivity error of each stored explanation: |base value + sum of attributions - "
+            "margin|, in margin space (exact TreeSHAP stays near float rounding, ~1e-6).",
+            buckets=ADDITIVITY_BUCKETS,
+            registry=reg,
+        ),
+        population=_population_metrics(reg),
+    )
+
+
+def _population_metrics(reg: CollectorRegistry) -> PopulationMetrics:
+    feature = ["model", "version", "feature"]
+    return PopulationMetrics(
+        drift_psi=Gauge(
+            "shapstream_attribution_drift_psi",
+            "Population stability index of today's attributions of a feature against the "
+            "version's reference (binned on the reference's frozen edges).",
+            feature,
+            registry=reg,
+        ),
+        drift_js=Gauge(
+            "shapstream_attribution_drift_js",
+            "Jensen-Shannon distance (base 2, 0 to 1) of today's attributions of a feature "
+            "against the reference.",
+            feature,
+            registry=reg,
+        ),
+        drift_ks=Gauge(
+            "shapstream_attribution_drift_ks",
+            "Kolmogorov-Smirnov statistic of today's attributions of a feature against the "
+            "reference, on the binned distributions.",
+            feature,
+            registry=reg,
+        ),
+        drifting=Gauge(
+            "shapstream_attribution_drifting",
+            "1 when today's attributions of a feature drift from the reference by the service's "
+            "rule (enough decisions, and PSI and KS both past their thresholds), else 0.",
+            feature,
+            registry=reg,
+        ),
+        input_drift_psi=Gauge(
+            "shapstream_input_drift_psi",
+            "Population stability index of today's input values of a feature against the "
+            "reference's: a data shift, where the attribution drift may be a logic shift.",
+            feature,
+            registry=reg,
+        ),
+        ndcg=Gauge(
+            "shapstream_importance_ndcg",
+            "nDCG of today's global ranking of features (mean |attribution|) against the "
+            "reference's ranking: 1 when the order of importance is unchanged.",
+            ["model", "version"],
+            registry=reg,
+        ),
+        decisions=Gauge(
+            "shapstream_population_decisions",
+            "Decisions of today (UTC) by outcome, from the stored aggregates.",
+            ["model", "version", "outcome"],
+            registry=reg,
+        ),
+        reasons=Gauge(
+            "shapstream_population_reasons",
+            "Denials of today (UTC) giving each reason family among their principal reasons.",
+            ["model", "version", "family"],
+            registry=reg,
+        ),
+        refreshed=Gauge(
+            "shapstream_population_refreshed_timestamp_seconds",
+            "When the population gauges were last computed (Unix time).",
             registry=reg,
         ),
     )

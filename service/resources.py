@@ -34,13 +34,21 @@ async def open_resources(settings: Settings, metrics: Metrics) -> AsyncIterator[
             from workers.explainer import ExplainerWorker
 
             announce_dev_key(await ensure_dev_key(adapters.stores.access, settings.data_dir))
+            population = adapters.stores.population if settings.worker.population else None
             worker = ExplainerWorker(
-                adapters.in_process_source, store, registry, settings.worker, metrics
+                adapters.in_process_source,
+                store,
+                registry,
+                settings.worker,
+                metrics,
+                population=population,
             )
             stack.push_async_callback(_run_in_task(worker.run))
         for model in registry.models():
             # Workers load the exact version an event names from here, on any machine.
             await store.put_model(model.artifact())
+            if model.reference is not None:
+                await adapters.stores.population.put_reference(model.version, model.reference)
             log.info("serving %s version %s", model.name, model.version)
             metrics.model_info.labels(name=model.name, version=model.version).set(1)
         state = _state(settings, metrics, registry, adapters)
@@ -65,7 +73,17 @@ def _state(
     )
     denials = DenialLog(access, metrics.denials)
     return AppState(
-        settings, registry, bus, store, metrics, access, keys, decider, store_guard, denials
+        settings,
+        registry,
+        bus,
+        store,
+        metrics,
+        access,
+        keys,
+        decider,
+        store_guard,
+        denials,
+        adapters.stores.population,
     )
 
 

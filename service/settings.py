@@ -83,6 +83,8 @@ class WorkerSettings(BaseModel):
     # Transaction ids a worker remembers having stored, to skip later copies of their events
     # (~250 bytes each): at 1,000 decisions/s, 100,000 cover the last 100 s of the log.
     first_events: int = Field(default=100_000, ge=0)
+    # Keep the population aggregates (importance, drift, reasons) as decisions are written.
+    population: bool = True
 
 
 class SecuritySettings(BaseModel):

@@ -25,7 +25,7 @@ from service.core.explain import (
     group_by_version,
 )
 from service.core.formats.base import InvalidModel, UnsupportedModel
-from service.core.ports import ConsumedBatch, EventSource, ExplanationStore
+from service.core.ports import ConsumedBatch, EventSource, ExplanationStore, PopulationStore
 from service.core.records import Claim, DecisionEvent, DecisionRecord
 from service.core.registry import LoadedModel, ModelRegistry, UnknownModel
 from service.errors import Unavailable
@@ -33,6 +33,7 @@ from service.metrics import Metrics
 from service.settings import WorkerSettings
 from workers.first_events import FirstEvents, Identity, Verdict
 from workers.health import WorkerHealth
+from workers.population import Placed, PopulationKeeper
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ WRITE = Step(
     "store",
     "check that the explanation store (Cassandra) is reachable and migrated",
 )
+AGGREGATE = Step(
+    "writing the population aggregates",
+    "store",
+    "check that the store is reachable and migrated (`shapstream db migrate`)",
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class _Plan:
     dead: list[tuple[bytes, DeadLetterReason]] = field(default_factory=list)
     # The consumed bytes of each event, so a dead letter carries exactly what was published.
     payloads: dict[str, bytes] = field(default_factory=dict)
+    # Where each first event was read (source, offset), for the population aggregates.
+    positions: dict[str, tuple[str, int]] = field(default_factory=dict)
     # The first event of each transaction id in the batch, and the later ones set aside.
     firsts: dict[str, DecisionEvent] = field(default_factory=dict)
     copies: int = 0
@@ -150,7 +158,9 @@ class ExplainerWorker:
         *,
         backoff: Backoff | None = None,
         health: WorkerHealth | None = None,
+        population: PopulationStore | None = None,
     ) -> None:
+        """`population`: where the population aggregates go (None: none are kept)."""
         self._source = source
         self._store = store
         self._registry = registry
@@ -160,6 +170,7 @@ class ExplainerWorker:
         self._health = health or WorkerHealth(settings.stall_after_s)
         self._explainers: OrderedDict[str, _Explainer] = OrderedDict()
         self._first_events = FirstEvents(settings.first_events)
+        self._population = PopulationKeeper(population) if population is not None else None
         self._stop = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -185,6 +196,8 @@ class ExplainerWorker:
         plan = await self._retrying(PLAN, lambda: self._plan(batch))
         await self._retrying(DEAD_LETTER, lambda: self._send_dead_letters(plan.dead))
         await self._retrying(WRITE, lambda: self._write(plan))
+        if self._population is not None and plan.records:
+            await self._retrying(AGGREGATE, lambda: self._aggregate(plan))
         self._first_events.stored([plan.firsts[r.transaction_id] for r in plan.records])
         await batch.commit()
         self._observe_written(plan)
@@ -230,7 +243,7 @@ class ExplainerWorker:
         events: list[DecisionEvent] = []
         payload_of: dict[int, bytes] = {}
         identities: dict[str, Identity] = {}
-        for payload in batch.payloads:
+        for payload, position in zip(batch.payloads, batch.positions, strict=True):
             try:
                 event = DecisionEvent.from_bytes(payload)
             except ValueError:
@@ -253,6 +266,7 @@ class ExplainerWorker:
             events.append(event)
             payload_of[id(event)] = payload
             plan.payloads[event.transaction_id] = payload
+            plan.positions[event.transaction_id] = position
         explained_at = datetime.now(UTC)
         for version, group in group_by_version(events).items():
             try:
@@ -347,6 +361,15 @@ class ExplainerWorker:
             # and write the others, instead of retrying a batch that can never succeed.
             plan.records = await self._write_one_by_one(plan)
 
+    async def _aggregate(self, plan: _Plan) -> None:
+        assert self._population is not None
+        models = {
+            version: (await self._explainer(version)).model
+            for version in {r.model.version for r in plan.records}
+        }
+        placed = [Placed(record, *plan.positions[record.transaction_id]) for record in plan.records]
+        await self._population.add(placed, models)
+
     def _claims(self, plan: _Plan, records: Sequence[DecisionRecord]) -> list[Claim]:
         """Each decision's claim, so that a repeat of its request reaching any gateway gets
         its answer (docs/decision-path.md)."""
@@ -375,3 +398,4 @@ class ExplainerWorker:
             self._metrics.explanations.labels(engine=record.engine).inc()
             freshness = _utc(record.explained_at) - _utc(record.decided_at)
             self._metrics.freshness_seconds.observe(max(freshness.total_seconds(), 0.0))
+            self._metrics.additivity_error.observe(record.additivity_error)

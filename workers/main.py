@@ -58,8 +58,15 @@ async def run_worker(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
             stack.callback(loop.remove_signal_handler, sig)
+        population = adapters.population if settings.worker.population else None
         worker = ExplainerWorker(
-            adapters.source, adapters.store, registry, settings.worker, metrics, health=health
+            adapters.source,
+            adapters.store,
+            registry,
+            settings.worker,
+            metrics,
+            health=health,
+            population=population,
         )
         log.info(
             "explaining %s (group %s) into keyspace %s",

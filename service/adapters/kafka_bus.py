@@ -213,15 +213,25 @@ class KafkaBatch:
     """One `getmany` result; `commit` commits exactly its offsets (last + 1 per partition)."""
 
     def __init__(
-        self, source: "KafkaSource", payloads: list[bytes], offsets: dict[TopicPartition, int]
+        self,
+        source: "KafkaSource",
+        payloads: list[bytes],
+        positions: list[tuple[str, int]],
+        offsets: dict[TopicPartition, int],
     ) -> None:
         self._source = source
         self._payloads = payloads
+        self._positions = positions
         self._offsets = offsets
 
     @property
     def payloads(self) -> Sequence[bytes]:
         return self._payloads
+
+    @property
+    def positions(self) -> Sequence[tuple[str, int]]:
+        """("topic/partition", offset) of each payload."""
+        return self._positions
 
     @property
     def offsets(self) -> dict[TopicPartition, int]:
@@ -337,12 +347,15 @@ class KafkaSource:
             timeout_ms=int(timeout_s * 1000), max_records=max_events
         )
         payloads: list[bytes] = []
+        positions: list[tuple[str, int]] = []
         offsets: dict[TopicPartition, int] = {}
         first_ms: dict[TopicPartition, int] = {}
         for tp, records in fetched.items():
+            where = f"{tp.topic}/{tp.partition}"
             for record in records:
                 value: bytes = record.value if record.value is not None else b""
                 payloads.append(value)
+                positions.append((where, record.offset))
                 self._origins.setdefault(id(value), []).append(
                     _Origin(record.key, tp, record.offset)
                 )
@@ -358,7 +371,7 @@ class KafkaSource:
             return None
         self._in_flight = payloads
         self._idle.clear()
-        return KafkaBatch(self, payloads, offsets)
+        return KafkaBatch(self, payloads, positions, offsets)
 
     async def _update_lag(self, in_batch: set[TopicPartition]) -> None:
         # Highwaters first, without awaiting: the assignment cannot change in between.

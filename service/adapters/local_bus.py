@@ -36,6 +36,9 @@ class DeadLetter:
     payload: bytes
 
 
+OUTBOX_SOURCE = "outbox"
+
+
 class LocalBatch:
     """Outbox rows handed to the worker; `commit` deletes them."""
 
@@ -47,6 +50,11 @@ class LocalBatch:
     @property
     def payloads(self) -> Sequence[bytes]:
         return self._payloads
+
+    @property
+    def positions(self) -> Sequence[tuple[str, int]]:
+        # The outbox is one source; its row ids only grow.
+        return [(OUTBOX_SOURCE, e.seq) for e in self._entries]
 
     async def commit(self) -> None:
         await self._bus._delete(self._entries)

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
-from service.core.ports import AccessStore, EventBus, EventSource, ExplanationStore
+from service.core.ports import (
+    AccessStore,
+    EventBus,
+    EventSource,
+    ExplanationStore,
+    PopulationStore,
+)
 from service.core.records import DecisionRecord
 from service.settings import Settings
 
@@ -30,10 +36,11 @@ EMBEDDED_STORE_TIMEOUT_S: Final = 5.0
 
 @dataclass(frozen=True, slots=True)
 class Stores:
-    """The explanation store, and the access store on its connection."""
+    """The explanation store, and the access and population stores on its connection."""
 
     explanations: ExplanationStore
     access: AccessStore
+    population: PopulationStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +61,7 @@ class WorkerAdapters:
     """What a worker process consumes from and writes to."""
 
     store: ExplanationStore
+    population: PopulationStore
     source: EventSource
     # Whether the consumer is a member of its group now (the worker's readiness).
     in_group: Callable[[], bool]
@@ -80,21 +88,26 @@ async def open_stores(settings: Settings) -> AsyncIterator[Stores]:
     async with AsyncExitStack() as stack:
         if settings.mode == "kafka":
             from service.adapters.cassandra_access import CassandraAccessStore
+            from service.adapters.cassandra_population import CassandraPopulationStore
             from service.adapters.cassandra_store import CassandraStore
 
             cassandra = await CassandraStore.from_settings(settings)
             stack.push_async_callback(cassandra.close)
             await cassandra.migrate()
-            stores = Stores(cassandra, CassandraAccessStore(cassandra))
+            stores = Stores(
+                cassandra, CassandraAccessStore(cassandra), CassandraPopulationStore(cassandra)
+            )
         else:
             from service.adapters.sqlite_access import SqliteAccessStore
+            from service.adapters.sqlite_population import SqlitePopulationStore
             from service.adapters.sqlite_store import SqliteStore
 
             sqlite = await SqliteStore.from_settings(settings)
             stack.push_async_callback(sqlite.close)
             await sqlite.migrate()
-            stores = Stores(sqlite, SqliteAccessStore(sqlite))
+            stores = Stores(sqlite, SqliteAccessStore(sqlite), SqlitePopulationStore(sqlite))
         await stores.access.migrate()
+        await stores.population.migrate()
         yield stores
 
 
@@ -147,6 +160,7 @@ async def open_worker_adapters(
             "a worker process needs SHAPSTREAM_MODE=kafka: the embedded mode's worker runs "
             "inside `shapstream run`"
         )
+    from service.adapters.cassandra_population import CassandraPopulationStore
     from service.adapters.cassandra_store import CassandraStore
     from service.adapters.kafka_bus import KafkaSource, ensure_topics
 
@@ -158,7 +172,8 @@ async def open_worker_adapters(
         stack.push_async_callback(store.close)
         source = await KafkaSource.open(settings.kafka, metrics)
         stack.push_async_callback(source.close)
-        yield WorkerAdapters(store, source, source.in_group)
+        population = CassandraPopulationStore(store)
+        yield WorkerAdapters(store, population, source, source.in_group)
 
 
 ScanProgress = tuple[Callable[[DecisionRecord], int], int]

@@ -13,7 +13,7 @@ from service.core.breaker import Guard
 from service.core.decisions import Decider
 from service.core.denials import DenialLog
 from service.core.keys import KeyVerifier
-from service.core.ports import AccessStore, EventBus, ExplanationStore
+from service.core.ports import AccessStore, EventBus, ExplanationStore, PopulationStore
 from service.core.registry import ModelRegistry
 from service.errors import DuplicateKey, FieldProblem, UnsupportedMediaType
 from service.metrics import Metrics
@@ -38,6 +38,8 @@ class AppState:
     store_guard: Guard
     # Refused attempts, written to the access log in the background (service/core/denials.py).
     denials: DenialLog
+    # Population aggregates and references (service/core/population).
+    population: PopulationStore
 
 
 def app_state(connection: HTTPConnection) -> AppState:

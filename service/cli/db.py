@@ -36,14 +36,15 @@ def migrate() -> None:
 
 async def _migrate(settings: Settings) -> tuple[list[str], list[str]]:
     """Run the migration; the store's tables it created, and those that were already there."""
-    from service.adapters import cassandra_access, cassandra_store
+    from service.adapters import cassandra_access, cassandra_population, cassandra_store
 
-    tables = cassandra_store.TABLES + cassandra_access.TABLES
+    tables = cassandra_store.TABLES + cassandra_access.TABLES + cassandra_population.TABLES
     store = await cassandra_store.CassandraStore.from_settings(settings)
     try:
         before = await store.existing_tables()
         await store.migrate()
         await cassandra_access.CassandraAccessStore(store).migrate()
+        await cassandra_population.CassandraPopulationStore(store).migrate()
         after = await store.existing_tables()
     finally:
         await store.close()

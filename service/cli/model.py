@@ -88,6 +88,15 @@ def init(
     protected: Annotated[
         str | None, typer.Option(help="Protected attributes, comma separated.")
     ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="A CSV of reference applicants (the validation set: a column per feature, "
+            "others ignored): explained once, it is the version's baseline for drift.",
+        ),
+    ] = None,
 ) -> None:
     """Turn a model file into a model directory (help: `INIT_HELP`)."""
     from service.core.formats.base import ModelError
@@ -105,7 +114,21 @@ def init(
     except ModelError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
+    if reference is not None:
+        _write_reference(dest_dir, reference)
     _written(dest_dir)
+
+
+def _write_reference(dest_dir: Path, reference: Path) -> None:
+    from service.core.formats.base import ModelError
+    from service.tools.reference import write_reference
+
+    try:
+        written = write_reference(dest_dir, reference)
+    except (ModelError, ValueError) as exc:
+        typer.echo(f"error: the reference: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"reference: {written.source}, {written.aggregate.count} decisions explained")
 
 
 DEMO_DIRS = {"xgboost": "models/german-credit", "lightgbm": "models/german-credit-lightgbm"}

@@ -49,6 +49,12 @@ class ConsumedBatch(Protocol):
     @property
     def payloads(self) -> Sequence[bytes]: ...
 
+    @property
+    def positions(self) -> Sequence[tuple[str, int]]:
+        """Where each payload was read (source, offset), in the same order: offsets grow
+        within a source, and a redelivered event has the same position."""
+        ...
+
     async def commit(self) -> None: ...
 
 
@@ -155,3 +161,45 @@ class AccessStore(Protocol):
     async def entries(self, start: datetime, end: datetime, limit: int) -> list[AccessEntry]:
         """Entries with `start <= at < end`, oldest first, at most `limit`."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatePart:
+    """The population aggregate (service/core/population) of the decisions of one model
+    version and UTC day that came from one source (a Kafka partition, or the embedded outbox),
+    up to and including the event at `last_offset` there.
+
+    A worker rewrites the whole row after each batch, before committing it: a redelivered
+    batch finds its events at or below `last_offset` already counted, and skips them.
+    """
+
+    model_version: str
+    day: date
+    source: str
+    last_offset: int
+    aggregate: bytes
+
+
+class PopulationStore(Protocol):
+    """Population aggregates and each model version's reference; on the records' connection."""
+
+    async def migrate(self) -> None: ...
+
+    async def get_part(
+        self, model_version: str, day: date, source: str
+    ) -> AggregatePart | None: ...
+
+    async def put_parts(self, parts: Sequence[AggregatePart]) -> None:
+        """Upsert whole rows; kept as long as the records (the retention)."""
+        ...
+
+    async def parts(self, model_version: str, days: Sequence[date]) -> list[AggregatePart]:
+        """Every part of these days of `model_version`."""
+        ...
+
+    async def put_reference(self, model_version: str, reference: bytes) -> bool:
+        """Store a version's reference unless it has one: True if this one was stored (a
+        reference never changes once set)."""
+        ...
+
+    async def get_reference(self, model_version: str) -> bytes | None: ...

@@ -26,6 +26,7 @@ from service.core.formats.base import (
     UnsupportedModel,
 )
 from service.core.formats.files import load_model_file
+from service.core.population.reference import REFERENCE_FILE, Reference
 from service.core.records import (
     BinaryPrediction,
     ModelArtifact,
@@ -172,6 +173,9 @@ class LoadedModel:
         self._n = len(schema.features)
         self._link = _LINKS.get(self.framework.link, _identity)
         self._forest: Forest | UnsupportedModel | None = None
+        # The population reference shipped in the model's directory (`model init --reference`),
+        # stored for the version at start (service/core/population/reference.py).
+        self.reference: bytes | None = None
         self.native: FastPredictor | None = self._native_predictor()
 
     @property
@@ -194,7 +198,9 @@ class LoadedModel:
             model_bytes = model_file.read_bytes()
         except OSError as exc:
             raise InvalidModel(f"{model_file}: cannot be read: {exc.strerror}") from None
-        return cls(schema, model_bytes, source=str(model_file))
+        model = cls(schema, model_bytes, source=str(model_file))
+        model.reference = _reference_file(path / REFERENCE_FILE)
+        return model
 
     @classmethod
     def from_artifact(cls, artifact: ModelArtifact) -> "LoadedModel":
@@ -457,6 +463,20 @@ def _encode_value(col: _Column, value: object) -> float | str:
     if col.maximum is not None and number > col.maximum:
         return f"must be <= {col.maximum:g}"
     return number
+
+
+def _reference_file(path: Path) -> bytes | None:
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InvalidModel(f"{path}: cannot be read: {exc.strerror}") from None
+    try:
+        Reference.from_bytes(blob)
+    except (ValueError, KeyError) as exc:
+        raise InvalidModel(f"{path}: not a shapstream reference ({exc})") from None
+    return blob
 
 
 def model_dirs(models_dir: Path) -> list[Path]:

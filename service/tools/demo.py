@@ -291,4 +291,19 @@ def train_demo(csv_path: Path, out_dir: Path) -> Path:
     dtest = xgb.DMatrix(frame.iloc[test], enable_categorical=True, nthread=1)
     holdout_auc = auc(y[test], booster.predict(dtest))
     write_model_dir(bytes(booster.save_raw("json")), demo_schema(frame, holdout_auc), out_dir)
+    write_holdout_reference(csv_path, test, out_dir)
     return out_dir
+
+
+def write_holdout_reference(csv_path: Path, holdout: NDArray[np.intp], model_dir: Path) -> None:
+    """The demo's population reference: its hold-out applicants, decided and explained."""
+    from service.core.population.reference import REFERENCE_FILE
+    from service.core.registry import LoadedModel
+    from service.tools.reference import build_reference, read_rows
+
+    model = LoadedModel.from_directory(model_dir)
+    rows = read_rows(csv_path, model.schema)
+    chosen = [rows[i] for i in sorted(holdout)]
+    source = f"{csv_path.name} hold-out ({len(chosen)} applicants)"
+    reference = build_reference(model, chosen, source)
+    (model_dir / REFERENCE_FILE).write_bytes(reference.to_bytes())

@@ -48,4 +48,5 @@ def train_demo_lightgbm(csv_path: Path, out_dir: Path) -> Path:
         frame, demo.auc(y[test], scores), name=DEMO_NAME, framework="lightgbm"
     )
     write_model_dir(booster.model_to_string().encode("utf-8"), schema, out_dir)
+    demo.write_holdout_reference(csv_path, test, out_dir)
     return out_dir

@@ -19,6 +19,8 @@ from service.app import create_app
 from service.cli import build_app
 from service.core.access import Scope, hash_key, new_api_key, to_millis
 from service.core.keys import KeyVerifier
+from service.core.registry import model_version
+from service.core.schema import ModelSchema
 from service.settings import Settings
 from tests.access_contract import check_entries, check_keys
 from tests.api_client import (
@@ -32,6 +34,11 @@ from tests.api_client import (
 )
 
 ROW = german_rows(1)[0]
+# The demo model's version (its content hash), for the routes of a model version.
+_SCHEMA = ModelSchema.model_validate_json((MODELS / "german-credit" / "schema.json").read_bytes())
+GERMAN_CREDIT_VERSION = model_version(
+    (MODELS / "german-credit" / _SCHEMA.model_file).read_bytes(), _SCHEMA
+)
 TXN = "auth-txn-1"
 EXPORT_RANGE = "start=2020-01-01T00:00:00Z&end=2020-01-02T00:00:00Z"
 
@@ -63,6 +70,15 @@ ROUTES = (
     Route("GET", "/v1/models", None, "/v1/models"),
     Route("GET", "/v1/audit/access-log", Scope.AUDIT_EXPORT, "/v1/audit/access-log"),
     Route("GET", "/v1/audit/export", Scope.AUDIT_EXPORT, f"/v1/audit/export?{EXPORT_RANGE}"),
+    *(
+        Route(
+            "GET",
+            f"/v1/models/{{name}}/versions/{{version}}/{figure}",
+            Scope.AUDIT_EXPORT,
+            f"/v1/models/german-credit/versions/{GERMAN_CREDIT_VERSION}/{figure}",
+        )
+        for figure in ("importance", "drift", "reasons")
+    ),
 )
 OPEN = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
 BAD_HEADERS: tuple[dict[str, str], ...] = (

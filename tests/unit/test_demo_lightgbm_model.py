@@ -9,6 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from service.core.engine.fast import FastTreeShap
+from service.core.population.reference import REFERENCE_FILE
 from service.core.registry import LoadedModel
 from service.core.schema import SCHEMA_FILE
 from service.tools import demo, demo_lightgbm
@@ -31,8 +32,8 @@ def retrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_training_reproduces_the_shipped_files(model: LoadedModel, retrained: Path) -> None:
-    assert sorted(p.name for p in SHIPPED.iterdir()) == ["model.txt", SCHEMA_FILE]
-    for name in ("model.txt", SCHEMA_FILE):
+    assert sorted(p.name for p in SHIPPED.iterdir()) == ["model.txt", REFERENCE_FILE, SCHEMA_FILE]
+    for name in ("model.txt", SCHEMA_FILE, REFERENCE_FILE):
         assert (retrained / name).read_bytes() == (SHIPPED / name).read_bytes(), name
     assert LoadedModel.from_directory(retrained).version == model.version
     assert model.format == "lightgbm"

@@ -9,6 +9,7 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from service.cli.model import model_app
+from service.core.population.reference import REFERENCE_FILE
 from service.core.registry import LoadedModel
 from service.core.schema import SCHEMA_FILE, FeatureType, Task
 from service.tools import demo
@@ -30,7 +31,7 @@ def retrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_train_demo_reproduces_the_shipped_files(model: LoadedModel, retrained: Path) -> None:
-    for name in ("model.json", SCHEMA_FILE):
+    for name in ("model.json", SCHEMA_FILE, REFERENCE_FILE):
         assert (retrained / name).read_bytes() == (SHIPPED / name).read_bytes(), name
     assert LoadedModel.from_directory(retrained).version == model.version
 

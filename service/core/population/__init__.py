@@ -1,0 +1,2 @@
+"""Population figures from stored aggregates: global importance, attribution drift, reason
+frequencies."""

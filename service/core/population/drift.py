@@ -1,0 +1,342 @@
+"""Drift of a feature's distribution from its reference, and of the ranking of features.
+
+The worker keeps histograms per model version, feature and day, of the attributions and of
+the input values, on bin edges frozen in the version's reference: an underflow bin, the
+reference's quantile bins, an overflow bin. Histograms merge by elementwise addition (days into
+weeks, workers into one), so every figure here is computed from bin counts alone, never from
+raw values: PSI, the Jensen-Shannon distance, a two-sample KS test on the binned CDFs, and the
+nDCG of today's ranking of features by importance against the reference's ranking.
+
+Pure functions over NumPy arrays: no I/O, nothing computed at import.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+Counts = npt.NDArray[np.int64]
+Edges = npt.NDArray[np.float64]
+_Floats = npt.NDArray[np.float64]
+
+DEFAULT_BINS: Final = 20
+
+# PSI's floor on each side's proportion of a bin. ln(q/p) is infinite for an empty bin, and a
+# bin empty in the reference but not today is the common case of a real shift (today's values
+# beyond the reference's range land in the overflow bin), so the floor caps its term at about
+# q * ln(q / 1e-4): 0.1 of today's mass in a bin the reference left empty adds ~0.69, a strong
+# signal, while one stray decision in 1,000 adds ~0.002. 1e-4 is the resolution of a reference
+# of ~10,000 rows. A floor on proportions, not a pseudo-count added to every bin: bins empty on
+# both sides then add exactly 0, so padding (see `histograms`) and unused bins change nothing,
+# where a pseudo-count would move every proportion by the number of bins.
+PSI_FLOOR: Final = 1e-4
+
+
+def quantile_edges(values: npt.ArrayLike, bins: int = DEFAULT_BINS) -> Edges:
+    """Edges of `bins` equal-frequency bins of a 1-D sample (the reference's values).
+
+    Strictly increasing edges e_0 < ... < e_m, m <= bins: the lower edges of the quantile bins
+    (the sample's quantiles at 0, 1/bins, ..., (bins-1)/bins, each an observed value, e_0 its
+    minimum), then the float just above the sample's maximum. So every sample value falls in a
+    quantile bin, and `histogram`'s underflow (< e_0) and overflow (>= e_m) bins hold only
+    values outside the reference's range.
+
+    Ties: quantiles falling on one value make one edge, so a tied feature gets fewer bins (all
+    copies of a value land in one bin, since bins are half-open); a constant c gets [c, c+ulp],
+    one bin holding exactly c. NaN (a missing input) and +-inf are left out; ValueError if
+    nothing is left or `bins` < 1.
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, got {bins}")
+    sample = np.asarray(values, dtype=np.float64).ravel()
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        raise ValueError("no finite values to take quantiles of")
+    ordered = np.sort(sample)
+    # Bin j opens at the sorted value of index floor(n * j / bins), the smallest x with
+    # F(x) > j / bins: without ties each bin then holds floor(n * (j+1) / bins) - floor(n * j /
+    # bins) values, as equal as they can be. Edges are observed values, never interpolated
+    # between two, so a discrete feature's bins start at its values.
+    lower = ordered[(np.arange(bins) * ordered.size) // bins]
+    top = np.nextafter(ordered[-1], np.inf)
+    return np.append(np.unique(lower), top).astype(np.float64)
+
+
+def histogram(values: npt.ArrayLike, edges: npt.ArrayLike) -> Counts:
+    """Counts of a 1-D `values` in len(edges) + 1 bins.
+
+    Bin 0 is the underflow (< edges[0]), bin i is [edges[i-1], edges[i]), the last bin is the
+    overflow (>= edges[-1]). NaN (a missing input) is in no bin, so the counts may sum to less
+    than len(values); +-inf land in the underflow and overflow bins.
+    """
+    return _histogram(np.asarray(values, dtype=np.float64).ravel(), _checked_edges(edges))
+
+
+def histograms(values: npt.ArrayLike, edges: Sequence[npt.ArrayLike]) -> Counts:
+    """Per-feature histograms of a batch: `values` is (rows, features), `edges[j]` feature j's.
+
+    Returns int64 counts of shape (features, width), width = the longest edges' length + 1.
+    Row j's first len(edges[j]) + 1 entries are `histogram(values[:, j], edges[j])`; the rest
+    are 0 (a feature with tied quantiles has fewer edges). Bins empty on both sides add nothing
+    to PSI, JS or KS, so padded rows can be compared whole, as long as the reference's and
+    today's rows were binned on the same edges.
+    """
+    matrix = np.asarray(values, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[1] != len(edges):
+        raise ValueError(
+            f"values must be (rows, {len(edges)} features) for {len(edges)} edge arrays, "
+            f"got shape {matrix.shape}"
+        )
+    checked = [_checked_edges(feature_edges) for feature_edges in edges]
+    width = max((len(feature_edges) for feature_edges in checked), default=0) + 1
+    counts = np.zeros((len(checked), width), dtype=np.int64)
+    # Column-major once, so each feature's column is contiguous for its searchsorted.
+    columns = np.asfortranarray(matrix)
+    for j, feature_edges in enumerate(checked):
+        counts[j, : len(feature_edges) + 1] = _histogram(columns[:, j], feature_edges)
+    return counts
+
+
+def _histogram(values: _Floats, edges: Edges) -> Counts:
+    values = values[~np.isnan(values)]
+    # side="right": a value equal to an edge goes to the bin that edge opens, [e_i, e_i+1).
+    index = np.searchsorted(edges, values, side="right")
+    return np.bincount(index, minlength=len(edges) + 1).astype(np.int64, copy=False)
+
+
+def _checked_edges(edges: npt.ArrayLike) -> Edges:
+    array = np.asarray(edges, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"edges must be a non-empty 1-D array, got shape {array.shape}")
+    if np.isnan(array).any() or not bool(np.all(np.diff(array) > 0)):
+        raise ValueError("edges must be strictly increasing, without NaN")
+    return array
+
+
+def psi(reference: npt.ArrayLike, current: npt.ArrayLike, floor: float = PSI_FLOOR) -> float:
+    """Population stability index of today's counts against the reference's, over the same bins.
+
+    PSI = sum_i (q_i - p_i) * ln(q_i / p_i), p the reference's proportions, q today's, each
+    raised to at least `floor` (see PSI_FLOOR; not renormalised after). Symmetric, 0 for equal
+    proportions; 0.1 is the usual mark of a moderate shift, 0.2 of a significant one. Under no
+    change it is biased upward by about (bins - 1) * (1/n_reference + 1/n_current).
+    """
+    if not 0.0 < floor < 1.0:
+        raise ValueError(f"floor must be in (0, 1), got {floor}")
+    ref, cur = _counts_pair(reference, current)
+    p = np.maximum(ref / ref.sum(), floor)
+    q = np.maximum(cur / cur.sum(), floor)
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+def js_distance(reference: npt.ArrayLike, current: npt.ArrayLike) -> float:
+    """Jensen-Shannon distance in base 2 (0 for equal proportions, 1 for disjoint supports).
+
+    The square root of the JS divergence of the two normalised histograms, as
+    scipy.spatial.distance.jensenshannon(p, q, base=2). Needs no floor: the mixture is positive
+    wherever either side is, and empty bins add 0.
+    """
+    ref, cur = _counts_pair(reference, current)
+    p = ref / ref.sum()
+    q = cur / cur.sum()
+    mixture = (p + q) / 2
+    divergence = (_kl_base2(p, mixture) + _kl_base2(q, mixture)) / 2
+    # Rounding can leave it a hair outside [0, 1].
+    return math.sqrt(min(max(divergence, 0.0), 1.0))
+
+
+def _kl_base2(p: _Floats, mixture: _Floats) -> float:
+    support = p > 0
+    return float(np.sum(p[support] * np.log2(p[support] / mixture[support])))
+
+
+class KsResult(NamedTuple):
+    statistic: float
+    p_value: float
+
+
+def ks_binned(reference: npt.ArrayLike, current: npt.ArrayLike) -> KsResult:
+    """Two-sample Kolmogorov-Smirnov test from two histograms on the same bins.
+
+    The statistic is max |F_ref - F_cur| over the bins' upper edges, F the empirical CDFs. The
+    unbinned statistic is a maximum over every value, so this one is a lower bound of it (equal
+    when each bin holds a single value); a shift inside one bin is invisible.
+
+    The p-value is scipy.stats.ks_2samp's for method="asymp", two-sided: the one-sample
+    Kolmogorov distribution's survival function kstwo.sf(D, round(n1*n2 / (n1 + n2))). Not
+    ks_2samp's default ("exact" for samples up to 10,000), whose cost grows with n1*n2. Binned
+    (tied) data makes it conservative. The counts must be numbers of decisions, not weights.
+    """
+    ref, cur = _counts_pair(reference, current)
+    n_ref = float(ref.sum())
+    n_cur = float(cur.sum())
+    statistic = float(np.max(np.abs(np.cumsum(ref) / n_ref - np.cumsum(cur) / n_cur)))
+    # Imported here, not at the top: scipy.stats takes over a second to import, and processes
+    # that only bin values (`histograms`) never need it.
+    from scipy.stats import kstwo  # type: ignore[import-untyped]
+
+    # At least 1: kstwo is undefined for n = 0 (round(0.5) is 0, for n1 = n2 = 1).
+    effective_n = max(round(n_ref * n_cur / (n_ref + n_cur)), 1)
+    p_value = float(np.clip(kstwo.sf(statistic, effective_n), 0.0, 1.0))
+    return KsResult(statistic, p_value)
+
+
+def _counts_pair(reference: npt.ArrayLike, current: npt.ArrayLike) -> tuple[_Floats, _Floats]:
+    ref, cur = _same_bins(reference, current)
+    if ref.sum() == 0 or cur.sum() == 0:
+        raise ValueError("a histogram with no counts has no proportions")
+    return ref, cur
+
+
+def _same_bins(reference: npt.ArrayLike, current: npt.ArrayLike) -> tuple[_Floats, _Floats]:
+    ref = np.asarray(reference, dtype=np.float64)
+    cur = np.asarray(current, dtype=np.float64)
+    if ref.ndim != 1 or ref.shape != cur.shape or ref.size == 0:
+        raise ValueError(
+            f"counts must be two 1-D arrays of the same bins, got {ref.shape} and {cur.shape}"
+        )
+    for counts in (ref, cur):
+        if not bool(np.all(np.isfinite(counts))) or bool(np.any(counts < 0)):
+            raise ValueError("counts must be finite and non-negative")
+    return ref, cur
+
+
+def ndcg(
+    reference_importance: npt.ArrayLike, current_importance: npt.ArrayLike, k: int | None = None
+) -> float:
+    """nDCG of today's ranking of features against the reference's importance.
+
+    Features are ranked by `current_importance`, descending; each earns its reference
+    importance as graded relevance, discounted by 1 / log2(rank + 1), summed over the top `k`
+    ranks (all when None), and divided by the same sum for the reference's own order. 1.0 when
+    today's order is the reference's, lower as important features fall down the ranking.
+
+    As sklearn.metrics.ndcg_score(y_true=[reference], y_score=[current], k=k) with its default
+    ignore_ties=False: features tied in today's importance share the mean of their relevances
+    over the ranks they span (the mean over the orders of the tie). A reference of all zeros
+    gives 0.0, and negative reference importance is a ValueError, as sklearn. One difference:
+    sklearn refuses a single feature; here it scores 1.0 (or 0.0 for zero importance).
+    """
+    relevance = np.asarray(reference_importance, dtype=np.float64)
+    score = np.asarray(current_importance, dtype=np.float64)
+    if relevance.ndim != 1 or relevance.shape != score.shape or relevance.size == 0:
+        raise ValueError(
+            f"importances must be two 1-D arrays over the same features, got {relevance.shape} "
+            f"and {score.shape}"
+        )
+    if not (bool(np.all(np.isfinite(relevance))) and bool(np.all(np.isfinite(score)))):
+        raise ValueError("importances must be finite")
+    if bool(np.any(relevance < 0)):
+        raise ValueError("reference importance must be non-negative (it is the relevance)")
+    if k is not None and k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    discount = 1.0 / np.log2(np.arange(relevance.size) + 2.0)
+    if k is not None:
+        discount[k:] = 0.0
+    ideal = float(np.sort(relevance)[::-1] @ discount)
+    if ideal == 0.0:
+        return 0.0
+    return _tie_averaged_dcg(relevance, score, np.cumsum(discount)) / ideal
+
+
+def _tie_averaged_dcg(relevance: _Floats, score: _Floats, discount_cumsum: _Floats) -> float:
+    # Groups of equal score, highest first; each group's mean relevance times the discounts of
+    # the ranks it spans (McSherry & Najork 2008, as sklearn's _tie_averaged_dcg).
+    _, group, sizes = np.unique(-score, return_inverse=True, return_counts=True)
+    mean_relevance = np.zeros(len(sizes))
+    np.add.at(mean_relevance, group, relevance)
+    mean_relevance /= sizes
+    last_rank = np.cumsum(sizes) - 1
+    spanned = np.diff(discount_cumsum[last_rank], prepend=0.0)
+    return float(np.sum(mean_relevance * spanned))
+
+
+@dataclass(frozen=True, slots=True)
+class DriftRule:
+    """The service's rule for a feature drifting on a day (see `drifting`)."""
+
+    min_decisions: int = 500
+    psi_threshold: float = 0.2
+    # Family-wise: split over the features compared (Bonferroni).
+    ks_alpha: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.min_decisions < 0 or self.psi_threshold <= 0 or not 0 < self.ks_alpha < 1:
+            raise ValueError(f"invalid drift rule {self}")
+
+
+def drifting(
+    rule: DriftRule, n_current: int, psi: float, ks_p_value: float, n_features: int
+) -> bool:
+    """Whether a feature drifts today, by the service's rule:
+
+        n_current >= rule.min_decisions
+        and psi >= rule.psi_threshold
+        and ks_p_value < rule.ks_alpha / n_features   (Bonferroni over the features compared)
+
+    Neither figure is enough alone. PSI is biased upward in small samples: with nothing
+    changed it is about (bins - 1) * (1/n_reference + 1/n_current), so a day of 50 decisions on
+    22 bins scores ~0.4, past 0.2. KS flags tiny shifts at large n: its critical statistic
+    falls as 1/sqrt(n1*n2 / (n1 + n2)), so with 100,000 decisions on each side a CDF gap of 1%
+    is "significant" at 0.01 / 20, though of no consequence. Requiring both asks for a shift
+    that is large (PSI, an effect size) and not sampling noise (KS, evidence); Bonferroni keeps
+    the chance that any feature of a null day passes KS under ks_alpha; the minimum n keeps a
+    thin day from speaking. So a null day stays quiet and a real shift is loud. NaN figures
+    (an empty side) never drift.
+    """
+    if n_features < 1:
+        raise ValueError(f"n_features must be at least 1, got {n_features}")
+    return (
+        n_current >= rule.min_decisions
+        and psi >= rule.psi_threshold
+        and ks_p_value < rule.ks_alpha / n_features
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureDrift:
+    """A feature's drift today against the reference, as the gauges show it."""
+
+    feature: str
+    n_reference: int
+    n_current: int
+    psi: float
+    js: float
+    ks: float
+    ks_p_value: float
+    drifting: bool
+
+
+def compare(
+    feature: str,
+    reference: npt.ArrayLike,
+    current: npt.ArrayLike,
+    rule: DriftRule,
+    n_features: int,
+) -> FeatureDrift:
+    """A feature's figures and verdict from its reference and current counts on the same bins.
+
+    A side with no counts (no decisions today, say) has no proportions: its figures are NaN
+    and it does not drift.
+    """
+    ref, cur = _same_bins(reference, current)
+    n_reference = int(ref.sum())
+    n_current = int(cur.sum())
+    if n_reference == 0 or n_current == 0:
+        nan = math.nan
+        return FeatureDrift(feature, n_reference, n_current, nan, nan, nan, nan, drifting=False)
+    stability = psi(ref, cur)
+    ks = ks_binned(ref, cur)
+    return FeatureDrift(
+        feature=feature,
+        n_reference=n_reference,
+        n_current=n_current,
+        psi=stability,
+        js=js_distance(ref, cur),
+        ks=ks.statistic,
+        ks_p_value=ks.p_value,
+        drifting=drifting(rule, n_current, stability, ks.p_value, n_features),
+    )
