@@ -13,6 +13,7 @@ from service.core.decisions import Decider
 from service.core.denials import DenialLog
 from service.core.idempotency import RecentIds
 from service.core.keys import DevKey, KeyVerifier, ensure_dev_key
+from service.core.population.gauges import PopulationGauges
 from service.core.registry import ModelRegistry
 from service.errors import StoreUnavailable
 from service.metrics import Metrics
@@ -51,6 +52,13 @@ async def open_resources(settings: Settings, metrics: Metrics) -> AsyncIterator[
                 await adapters.stores.population.put_reference(model.version, model.reference)
             log.info("serving %s version %s", model.name, model.version)
             metrics.model_info.labels(name=model.name, version=model.version).set(1)
+        gauges = PopulationGauges(adapters.stores.population, registry.models(), metrics.population)
+        stack.push_async_callback(
+            _run_in_task(
+                lambda stop: gauges.run(stop, settings.gateway.population_refresh_s),
+                "population-gauges",
+            )
+        )
         state = _state(settings, metrics, registry, adapters)
         # Drained before the store and bus close (the stack unwinds in reverse).
         stack.push_async_callback(state.decider.drain)
@@ -89,11 +97,14 @@ def _state(
 
 def _run_in_task(
     run: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+    name: str = "embedded-explainer",
 ) -> Callable[[], Awaitable[None]]:
-    """Run the embedded worker in a task; the function returned stops it and waits for it."""
+    """Run the embedded worker (or another loop) in a task; the function returned stops it and
+    waits for it."""
     stop = asyncio.Event()
-    task = asyncio.create_task(run(stop), name="embedded-explainer")
-    task.add_done_callback(_report_stopped_worker)
+    task = asyncio.create_task(run(stop), name=name)
+    if name == "embedded-explainer":
+        task.add_done_callback(_report_stopped_worker)
 
     async def stop_worker() -> None:
         stop.set()

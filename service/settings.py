@@ -109,6 +109,9 @@ class GatewaySettings(BaseModel):
     # The store is given up on after this many failures in a row, for `store_open_s` seconds.
     store_failures_to_open: int = Field(default=3, ge=1)
     store_open_s: float = Field(default=1.0, gt=0)
+    # How often today's population gauges (drift, nDCG, outcomes, reasons) are recomputed from
+    # the stored aggregates: one partition read per served version.
+    population_refresh_s: float = Field(default=60.0, gt=0)
 
 
 class ConsoleSettings(BaseModel):

@@ -16,9 +16,11 @@ from service.core.explain import explain_batch
 from service.core.population import report
 from service.core.population.aggregates import Aggregate, Edges, merge_all
 from service.core.population.drift import DriftRule
+from service.core.population.gauges import PopulationGauges
 from service.core.population.reference import Reference
 from service.core.records import DecisionEvent, DecisionRecord, ModelRef
 from service.core.registry import LoadedModel
+from service.metrics import create_metrics
 from service.tools.demo import holdout_split, read_german_credit
 from service.tools.reference import read_rows
 from tests.api_client import GERMAN_CREDIT, MODELS, german_rows
@@ -41,11 +43,15 @@ def reference(model: LoadedModel) -> Reference:
 
 
 def explained(
-    model: LoadedModel, rows: list[dict[str, object]], prefix: str, days: int = DAYS
+    model: LoadedModel,
+    rows: list[dict[str, object]],
+    prefix: str,
+    days: int = DAYS,
+    first_day: date = FIRST_DAY,
 ) -> list[DecisionRecord]:
-    """Decisions of `rows`, spread over `days` days from FIRST_DAY, explained as a worker
-    does."""
-    start = datetime(FIRST_DAY.year, FIRST_DAY.month, FIRST_DAY.day, 9, tzinfo=UTC)
+    """Decisions of `rows`, spread over `days` days from `first_day` (at midnight UTC), explained
+    as a worker does."""
+    start = datetime(first_day.year, first_day.month, first_day.day, tzinfo=UTC)
     events = [
         DecisionEvent(
             transaction_id=f"{prefix}-{i}",
@@ -233,3 +239,38 @@ async def test_a_reference_is_set_once(
     assert await population.put_reference(model.version, reference.to_bytes())
     assert not await population.put_reference(model.version, b"another")
     assert await population.get_reference(model.version) == reference.to_bytes()
+
+
+async def test_the_gauges_show_todays_drift_and_counts(
+    referenced: SqlitePopulationStore, model: LoadedModel, reference: Reference
+) -> None:
+    today = datetime.now(UTC).date()
+    records = explained(model, resampled(model, 600, seed=5), "gauges", days=1, first_day=today)
+    await keep(referenced, model, placed(records))
+    metrics = create_metrics()
+    await PopulationGauges(referenced, [model], metrics.population).refresh()
+
+    (aggregate,) = (await report.daily(referenced, model.version, [today])).values()
+    figures = report.drift(aggregate, reference, model.schema, DriftRule())
+    labels = {"model": model.name, "version": model.version[:12]}
+
+    def gauge(name: str, **extra: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {**labels, **extra})
+
+    for outcome in ("approve", "deny"):
+        assert gauge("shapstream_population_decisions", outcome=outcome) == (
+            aggregate.outcomes.get(outcome, 0)
+        )
+    for family, count in aggregate.reasons.items():
+        assert gauge("shapstream_population_reasons", family=family) == count
+    assert gauge("shapstream_importance_ndcg") == pytest.approx(figures.outputs[0].ndcg)
+    for drift in figures.outputs[0].features:
+        assert gauge("shapstream_attribution_drift_psi", feature=drift.feature) == (
+            pytest.approx(drift.psi)
+        )
+        assert gauge("shapstream_attribution_drifting", feature=drift.feature) == 0
+    refreshed = metrics.registry.get_sample_value(
+        "shapstream_population_refreshed_timestamp_seconds"
+    )
+    assert refreshed is not None
+    assert refreshed > 0
