@@ -1,6 +1,7 @@
 """What routes receive: the state the lifespan opened."""
 
 from dataclasses import dataclass
+from datetime import date
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
@@ -67,6 +68,21 @@ def _not_a_number(value: Any) -> Any:
         raise ValueError("must be a date-time with a time zone (RFC 3339), not a number")
     return value
 
+
+def _a_day_not_a_number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value
+    if isinstance(value, str | int | float):
+        raise ValueError("must be a date (YYYY-MM-DD), not a number")
+    return value
+
+
+# A date as the OpenAPI document states it (YYYY-MM-DD): pydantic alone would also read a bare
+# number as a Unix time.
+Day = Annotated[date, BeforeValidator(_a_day_not_a_number)]
 
 # A date-time as the OpenAPI document states it (RFC 3339, with a time zone): pydantic alone would
 # also read a bare number ("0.5") as a Unix time.

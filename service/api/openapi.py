@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from service.api import predictions
 from service.api.deps import JSON_MEDIA_TYPE
 from service.api.problems import PROBLEM_MEDIA_TYPE, ForbiddenProblem, Problem
-from service.core.registry import ModelRegistry
+from service.core.registry import LoadedModel, ModelRegistry
 
 REF_PREFIX: Final = "#/components/schemas/"
 # FastAPI's own description of an error body, replaced by the problem schema.
@@ -86,7 +86,21 @@ def _with_models(base: dict[str, Any], registry: ModelRegistry) -> dict[str, Any
         body["content"][JSON_MEDIA_TYPE] = predictions.request_content(
             models, registry.default_name
         )
+        if registry.default_name is not None:
+            _version_examples(document, registry.active())
     return document
+
+
+def _version_examples(document: dict[str, Any], model: LoadedModel) -> None:
+    """The served default model's name and version as the example of a version's routes."""
+    examples = {"name": model.name, "version": model.version}
+    for path, operations in document["paths"].items():
+        if not path.startswith("/v1/models/{name}/versions/{version}/"):
+            continue
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "path" and parameter["name"] in examples:
+                    parameter["example"] = examples[parameter["name"]]
 
 
 def _with_problems(generated: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 
 from service.api.auth import AUTH_RESPONSES, AuditExporter
-from service.api.deps import AppState, State
+from service.api.deps import AppState, Day, State
 from service.core.population import report
 from service.core.population.aggregates import Aggregate, Edges, merge_all
 from service.core.population.drift import DriftRule, FeatureDrift
@@ -30,10 +30,10 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 Name = Annotated[str, Path(min_length=1, max_length=256)]
 Version = Annotated[str, Path(min_length=1, max_length=128)]
 Start = Annotated[
-    date | None,
+    Day | None,
     Query(description=f"First UTC day (default: {DEFAULT_DAYS - 1} days before `end`)."),
 ]
-End = Annotated[date | None, Query(description="Last UTC day, included (default: today).")]
+End = Annotated[Day | None, Query(description="Last UTC day, included (default: today).")]
 
 
 class Window(BaseModel):
@@ -289,7 +289,10 @@ async def _version(state: AppState, name: str, version: str) -> LoadedModel:
 
 def _window(start: date | None, end: date | None) -> Window:
     last = end or datetime.now(UTC).date()
-    first = start or last - timedelta(days=DEFAULT_DAYS - 1)
+    try:
+        first = start or last - timedelta(days=DEFAULT_DAYS - 1)
+    except OverflowError:  # `end` within a week of the first day there is
+        first = date.min
     if first > last:
         raise InvalidRequest(
             "The window ends before it starts.", [FieldProblem("start", "must not be after end")]
