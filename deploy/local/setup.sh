@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # `make setup-run` / `make setup`: a working Python 3.11 venv in $VENV with shapstream installed
 # (editable), for running only (`run`) or with the test and lint tools too (`dev`), and for
-# `dev` the Chromium that tests/browser drives (Debian's, installed with apt when missing).
+# `dev` the Chromium that tests/browser drives and the promtool that checks the alert rules
+# (Debian's, installed with apt when missing).
 #
 # Fast when nothing changed (it is run by every `make run` and `make test`): it only checks that
 # the venv still works, that its install is newer than pyproject.toml, setup.py and the C kernel,
-# and (`dev`) that Chromium is there. A venv that another interpreter made, or that no longer
-# works (its Python moved, a half-made venv), is rebuilt, with a line saying so: it would
-# otherwise fail on every run until `make clean`.
+# and (`dev`) that Chromium and promtool are there. A venv that another interpreter made, or
+# that no longer works (its Python moved, a half-made venv), is rebuilt, with a line saying so:
+# it would otherwise fail on every run until `make clean`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -19,6 +20,11 @@ PY=$VENV/bin/python
 # The browser of tests/browser and bench/console.py (they read CHROMIUM too). Never `playwright
 # install`: it downloads browsers from a CDN, and Debian's Chromium is what tests run on.
 CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
+# Prometheus's rule checker, for tests/unit/test_prometheus_rules.py (deploy/prometheus): Debian
+# ships it in the package prometheus (tests read PROMTOOL too).
+PROMTOOL=${PROMTOOL:-/usr/bin/promtool}
+# Where systemd keeps its runtime state while it runs as init (tests point it elsewhere).
+SYSTEMD_RUN=${SYSTEMD_RUN:-/run/systemd/system}
 # What the install is made from: a change to any of them reinstalls.
 SOURCES=(pyproject.toml setup.py service/core/engine/_native/*.[ch])
 
@@ -54,37 +60,85 @@ venv_problem() {
   fi
 }
 
-# For `dev`: Debian's Chromium at $CHROMIUM, installed with apt when missing (as root, else with
-# sudo). A no-op when it is there; apt's lists are fetched only when they lack the package.
-ensure_chromium() {
-  [ -x "$CHROMIUM" ] && return 0
-  local sudo="" log
-  local what="install it (apt-get install chromium), or set CHROMIUM=/path/to/chromium"
+# For `dev`: Debian's Chromium at $CHROMIUM and promtool at $PROMTOOL, installed with apt when
+# missing (one apt-get call for both; as root, else with sudo). A no-op when they are there;
+# apt's lists are fetched only when they lack a package.
+ensure_tools() {
+  local packages=() needs=() names=() uses=() overrides=() log sudo="" it
+  if [ ! -x "$CHROMIUM" ]; then
+    packages+=(chromium)
+    needs+=("the browser tests need Chromium")
+    names+=(Chromium)
+    uses+=("Chromium for the browser tests")
+    overrides+=("CHROMIUM=/path/to/chromium")
+  fi
+  if [ ! -x "$PROMTOOL" ]; then
+    packages+=(prometheus)
+    needs+=("the alert rules' tests need promtool")
+    names+=(promtool)
+    uses+=("promtool for the alert rules' tests (Debian's package prometheus)")
+    overrides+=("PROMTOOL=/path/to/promtool")
+  fi
+  [ ${#packages[@]} -gt 0 ] || return 0
+  if [ ${#packages[@]} -gt 1 ]; then it=them; else it=it; fi
+  local all="${packages[*]}"
+  local what="install $it (apt-get install $all), or set $(joined "${overrides[@]}")"
   command -v apt-get >/dev/null ||
-    fail "the browser tests need Chromium, and there is no apt-get to install Debian's:" \
-      "install Chromium and set CHROMIUM=/path/to/chromium"
+    fail "$(joined "${needs[@]}"), and there is no apt-get to install Debian's:" \
+      "install $(joined "${names[@]}") and set $(joined "${overrides[@]}")"
   if [ "$(id -u)" != 0 ]; then
     command -v sudo >/dev/null ||
-      fail "the browser tests need Chromium, and installing it needs root: $what"
+      fail "$(joined "${needs[@]}"), and installing $it needs root: $what"
     sudo=sudo
   fi
-  say "installing Chromium for the browser tests: ${sudo:+sudo }apt-get install chromium"
-  if ! log=$($sudo apt-get install -y --no-install-recommends chromium 2>&1); then
+  # Where systemd runs, the package prometheus starts its server (:9090) and enables it at
+  # boot: the tests need only promtool, so a service that this install brings is stopped and
+  # disabled (never one that was there before). In a container without an init nothing starts
+  # (invoke-rc.d knows no runlevel; Docker images' policy-rc.d refuses too). A SysV-init host
+  # would start it from /etc/init.d/prometheus: rare enough to leave to its owner.
+  local systemd="" unit=prometheus.service
+  if [[ " $all " == *" prometheus "* ]] && [ -d "$SYSTEMD_RUN" ] &&
+    command -v systemctl >/dev/null && ! systemctl is-enabled --quiet $unit 2>/dev/null &&
+    ! systemctl is-active --quiet $unit 2>/dev/null; then
+    systemd=yes
+  fi
+  say "installing $(joined "${uses[@]}"): ${sudo:+sudo }apt-get install $all"
+  if ! log=$($sudo apt-get install -y --no-install-recommends "${packages[@]}" 2>&1); then
     # A fresh image has no package lists yet: fetch them, then try once more.
     if grep -q -e "Unable to locate package" -e "has no installation candidate" <<<"$log"; then
-      say "apt knows no chromium package: ${sudo:+sudo }apt-get update, then again"
+      say "apt knows no ${all// / or } package: ${sudo:+sudo }apt-get update, then again"
       log=$($sudo apt-get update 2>&1 &&
-        $sudo apt-get install -y --no-install-recommends chromium 2>&1) || {
+        $sudo apt-get install -y --no-install-recommends "${packages[@]}" 2>&1) || {
         tail -20 <<<"$log" >&2
-        fail "installing Chromium failed (above): $what"
+        fail "installing $(joined "${names[@]}") failed (above): $what"
       }
     else
       tail -20 <<<"$log" >&2
-      fail "installing Chromium failed (above): $what"
+      fail "installing $(joined "${names[@]}") failed (above): $what"
     fi
+  fi
+  if [ -n "$systemd" ]; then
+    say "only promtool is wanted: ${sudo:+sudo }systemctl disable --now $unit (the Prometheus" \
+      "server the package started)"
+    $sudo systemctl disable --now --quiet $unit >&2 ||
+      say "could not stop $unit: it serves on :9090 until you do"
   fi
   [ -x "$CHROMIUM" ] || fail "apt installed chromium, yet CHROMIUM=$CHROMIUM is missing" \
     "(Debian's is /usr/bin/chromium)"
+  [ -x "$PROMTOOL" ] || fail "apt installed prometheus, yet PROMTOOL=$PROMTOOL is missing" \
+    "(Debian's is /usr/bin/promtool)"
+}
+
+# Its arguments joined by commas, the last by "and": "a", "a and b", "a, b and c".
+joined() {
+  local out=$1
+  shift
+  while [ $# -gt 1 ]; do
+    out+=", $1"
+    shift
+  done
+  [ $# -eq 0 ] || out+=" and $1"
+  echo "$out"
 }
 
 # True when the install stamp $1 is newer than every source of the install.
@@ -104,7 +158,7 @@ fi
 
 # A dev install holds everything a run needs.
 if fresh "$VENV/.installed-$want" || { [ "$want" = run ] && fresh "$VENV/.installed-dev"; }; then
-  if [ "$want" = dev ]; then ensure_chromium; fi
+  if [ "$want" = dev ]; then ensure_tools; fi
   exit 0
 fi
 
@@ -147,4 +201,4 @@ fi
 rm -f "$VENV/.installed" # the stamp the Makefile used before this script
 touch "$VENV/.installed-$want"
 if [ "$want" = dev ]; then touch "$VENV/.installed-run"; fi
-if [ "$want" = dev ]; then ensure_chromium; fi
+if [ "$want" = dev ]; then ensure_tools; fi

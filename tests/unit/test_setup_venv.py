@@ -72,13 +72,17 @@ def _venv(checkout: Path, made_by: str, runs: str | None = "3.11") -> Path:
 def _setup(
     checkout: Path, python: Path, want: str = "run", env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """setup.sh with `python`; `dev` finds a stand-in Chromium unless `env` says otherwise."""
+    """setup.sh with `python`; `dev` finds a stand-in Chromium and promtool unless `env` says
+    otherwise, and systemd never runs (unless `env` names a SYSTEMD_RUN that exists)."""
     chromium = _script(checkout / "stand-in/chromium", "exit 0")
+    promtool = _script(checkout / "stand-in/promtool", "exit 0")
     env = {
         "PATH": os.environ["PATH"],
         "PYTHON": str(python),
         "VENV": ".venv",
         "CHROMIUM": str(chromium),
+        "PROMTOOL": str(promtool),
+        "SYSTEMD_RUN": str(checkout / "no-systemd"),
         **(env or {}),
     }
     return subprocess.run(
@@ -194,15 +198,18 @@ def test_no_c_compiler_is_named_before_the_install(checkout: Path) -> None:
     ]
 
 
-# What setup.sh runs besides bash's builtins, apt-get, sudo and id (stand-ins below); and what
-# the stand-ins run.
+# What setup.sh runs besides bash's builtins, apt-get, sudo, id and systemctl (stand-ins below);
+# and what the stand-ins run.
 TOOLS = ("dirname", "sed", "head", "grep", "tail", "touch", "mkdir", "chmod")
 
 
-def _system(checkout: Path, *, uid: int, sudo: bool, apt: str) -> dict[str, str]:
-    """A PATH of the tools setup.sh uses, with stand-ins for `id`, `sudo` (when `sudo`) and
-    `apt-get` (whose body is `apt`), each logging its arguments to calls.log; and CHROMIUM
-    pointing at where the stand-in apt installs it."""
+def _system(
+    checkout: Path, *, uid: int, sudo: bool, apt: str, systemctl: str | None = None
+) -> dict[str, str]:
+    """A PATH of the tools setup.sh uses, with stand-ins for `id`, `sudo` (when `sudo`),
+    `apt-get` (whose body is `apt`) and, with `systemctl` (its body), systemd running; each logs
+    its arguments to calls.log. CHROMIUM and PROMTOOL point at where the stand-in apt installs
+    them."""
     bin_dir = checkout / "system-bin"
     bin_dir.mkdir()
     for tool in TOOLS:
@@ -214,8 +221,16 @@ def _system(checkout: Path, *, uid: int, sudo: bool, apt: str) -> dict[str, str]
     if sudo:
         _script(bin_dir / "sudo", f'echo "sudo $*" >>{calls}; exec "$@"')
     _script(bin_dir / "apt-get", f'echo "apt-get $*" >>{calls}\n{apt}')
-    chromium = checkout / "usr/bin/chromium"
-    return {"PATH": str(bin_dir), "CHROMIUM": str(chromium)}
+    systemd = checkout / "run/systemd/system"
+    if systemctl is not None:
+        _script(bin_dir / "systemctl", f'echo "systemctl $*" >>{calls}\n{systemctl}')
+        systemd.mkdir(parents=True)
+    return {
+        "PATH": str(bin_dir),
+        "CHROMIUM": str(checkout / "usr/bin/chromium"),
+        "PROMTOOL": str(checkout / "usr/bin/promtool"),
+        "SYSTEMD_RUN": str(systemd),
+    }
 
 
 def _calls(checkout: Path) -> list[str]:
@@ -223,22 +238,35 @@ def _calls(checkout: Path) -> list[str]:
     return calls.read_text().splitlines() if calls.exists() else []
 
 
-# A stand-in apt-get: `install` puts an executable at $CHROMIUM.
-INSTALLS = 'mkdir -p "$(dirname "$CHROMIUM")"; echo "#!/bin/sh" >"$CHROMIUM"; chmod +x "$CHROMIUM"'
-INSTALL = "apt-get install -y --no-install-recommends chromium"
+def _installed(env: dict[str, str], *tools: str) -> None:
+    """Stand-ins for the tools (`CHROMIUM`, `PROMTOOL`) already at their places."""
+    for tool in tools:
+        Path(env[tool]).parent.mkdir(parents=True, exist_ok=True)
+        _script(Path(env[tool]), "exit 0")
 
 
-def test_dev_setup_with_chromium_present_says_nothing(checkout: Path) -> None:
+# A stand-in apt-get: `install` puts an executable at $CHROMIUM for chromium and at $PROMTOOL for
+# prometheus.
+INSTALLS = (
+    'for p in "$@"; do case $p in chromium) f=$CHROMIUM ;; prometheus) f=$PROMTOOL ;; '
+    '*) continue ;; esac; mkdir -p "$(dirname "$f")"; echo "#!/bin/sh" >"$f"; chmod +x "$f"; '
+    "done"
+)
+INSTALL = "apt-get install -y --no-install-recommends"
+PROMTOOL_USE = "promtool for the alert rules' tests (Debian's package prometheus)"
+BOTH = f"Chromium for the browser tests and {PROMTOOL_USE}"
+
+
+def test_dev_setup_with_chromium_and_promtool_present_says_nothing(checkout: Path) -> None:
     _venv(checkout, "3.11.7")
-    env = _system(checkout, uid=0, sudo=False, apt="exit 1")
-    Path(env["CHROMIUM"]).parent.mkdir(parents=True)
-    _script(Path(env["CHROMIUM"]), "exit 0")
+    env = _system(checkout, uid=0, sudo=False, apt="exit 1", systemctl="exit 1")
+    _installed(env, "CHROMIUM", "PROMTOOL")
     done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
     assert _calls(checkout) == []
 
 
-def test_run_setup_never_looks_for_chromium(checkout: Path) -> None:
+def test_run_setup_never_looks_for_chromium_or_promtool(checkout: Path) -> None:
     _venv(checkout, "3.11.7")
     env = _system(checkout, uid=0, sudo=False, apt="exit 1")
     done = _setup(checkout, _python(checkout / "python3.11", "3.11"), env=env)
@@ -247,32 +275,47 @@ def test_run_setup_never_looks_for_chromium(checkout: Path) -> None:
 
 
 @pytest.mark.parametrize(("uid", "sudo"), [(0, False), (1000, True)], ids=["root", "sudo"])
-def test_dev_setup_installs_a_missing_chromium_with_apt(
-    checkout: Path, uid: int, sudo: bool
+@pytest.mark.parametrize(
+    ("present", "packages", "uses"),
+    [
+        ((), "chromium prometheus", BOTH),
+        (("PROMTOOL",), "chromium", "Chromium for the browser tests"),
+        (("CHROMIUM",), "prometheus", PROMTOOL_USE),
+    ],
+    ids=["both", "chromium", "promtool"],
+)
+def test_dev_setup_installs_what_is_missing_with_one_apt_call(
+    checkout: Path, uid: int, sudo: bool, present: tuple[str, ...], packages: str, uses: str
 ) -> None:
-    # An up-to-date venv: the stamp's early exit still checks for Chromium.
+    # An up-to-date venv: the stamp's early exit still checks for the tools.
     _venv(checkout, "3.11.7")
     env = _system(checkout, uid=uid, sudo=sudo, apt=f'case "$1" in install) {INSTALLS} ;; esac')
+    _installed(env, *present)
     done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
     as_root = "sudo " if sudo else ""
     assert (done.returncode, done.stdout) == (0, ""), done.stderr
     assert done.stderr.splitlines() == [
-        f"==> installing Chromium for the browser tests: {as_root}apt-get install chromium"
+        f"==> installing {uses}: {as_root}apt-get install {packages}"
     ]
+    install = f"{INSTALL} {packages}"
     assert [c for c in _calls(checkout) if not c.startswith("id")] == (
-        [f"sudo {INSTALL}", INSTALL] if sudo else [INSTALL]
+        [f"sudo {install}", install] if sudo else [install]
     )
     assert os.access(env["CHROMIUM"], os.X_OK)
+    assert os.access(env["PROMTOOL"], os.X_OK)
+    # The second run finds both: a no-op.
+    again = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
+    assert (again.returncode, again.stdout, again.stderr) == (0, "", "")
 
 
-def test_apt_lists_are_fetched_only_when_they_lack_chromium(checkout: Path) -> None:
+def test_apt_lists_are_fetched_only_when_they_lack_a_package(checkout: Path) -> None:
     _venv(checkout, "3.11.7")
     # No lists until `apt-get update` made them.
     lists = checkout / "apt-lists"
     apt = (
         'case "$1" in\n'
         f"  update) touch {lists} ;;\n"
-        f"  install) [ -e {lists} ] || {{ echo 'E: Unable to locate package chromium' >&2; "
+        f"  install) [ -e {lists} ] || {{ echo 'E: Unable to locate package prometheus' >&2; "
         f"exit 100; }}; {INSTALLS} ;;\n"
         "esac"
     )
@@ -280,37 +323,153 @@ def test_apt_lists_are_fetched_only_when_they_lack_chromium(checkout: Path) -> N
     done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
     assert (done.returncode, done.stdout) == (0, ""), done.stderr
     assert done.stderr.splitlines() == [
-        "==> installing Chromium for the browser tests: apt-get install chromium",
-        "==> apt knows no chromium package: apt-get update, then again",
+        f"==> installing {BOTH}: apt-get install chromium prometheus",
+        "==> apt knows no chromium or prometheus package: apt-get update, then again",
     ]
+    install = f"{INSTALL} chromium prometheus"
     assert [c for c in _calls(checkout) if not c.startswith("id")] == [
-        INSTALL,
+        install,
         "apt-get update",
-        INSTALL,
+        install,
     ]
 
 
-def test_a_failed_chromium_install_says_what_to_install(checkout: Path) -> None:
+def test_a_failed_install_says_what_to_install(checkout: Path) -> None:
     _venv(checkout, "3.11.7")
     env = _system(checkout, uid=0, sudo=False, apt="echo 'E: Could not get lock' >&2; exit 100")
     done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
-        "==> installing Chromium for the browser tests: apt-get install chromium",
+        f"==> installing {BOTH}: apt-get install chromium prometheus",
         "E: Could not get lock",
-        "shapstream setup: installing Chromium failed (above): install it (apt-get install "
-        "chromium), or set CHROMIUM=/path/to/chromium",
+        "shapstream setup: installing Chromium and promtool failed (above): install them "
+        "(apt-get install chromium prometheus), or set CHROMIUM=/path/to/chromium and "
+        "PROMTOOL=/path/to/promtool",
     ]
     assert "apt-get update" not in _calls(checkout)
 
 
-def test_no_root_and_no_sudo_says_what_to_install(checkout: Path) -> None:
+def test_a_failed_chromium_install_names_chromium_alone(checkout: Path) -> None:
+    _venv(checkout, "3.11.7")
+    env = _system(checkout, uid=0, sudo=False, apt="echo 'E: Could not get lock' >&2; exit 100")
+    _installed(env, "PROMTOOL")
+    done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == (
+        "shapstream setup: installing Chromium failed (above): install it (apt-get install "
+        "chromium), or set CHROMIUM=/path/to/chromium"
+    )
+
+
+@pytest.mark.parametrize(
+    ("present", "message"),
+    [
+        (
+            (),
+            "the browser tests need Chromium and the alert rules' tests need promtool, and "
+            "installing them needs root: install them (apt-get install chromium prometheus), or "
+            "set CHROMIUM=/path/to/chromium and PROMTOOL=/path/to/promtool",
+        ),
+        (
+            ("CHROMIUM",),
+            "the alert rules' tests need promtool, and installing it needs root: install it "
+            "(apt-get install prometheus), or set PROMTOOL=/path/to/promtool",
+        ),
+    ],
+    ids=["both", "promtool"],
+)
+def test_no_root_and_no_sudo_says_what_to_install(
+    checkout: Path, present: tuple[str, ...], message: str
+) -> None:
     _venv(checkout, "3.11.7")
     env = _system(checkout, uid=1000, sudo=False, apt="exit 1")
+    _installed(env, *present)
+    done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"shapstream setup: {message}"]
+    assert [c for c in _calls(checkout) if not c.startswith("id")] == []
+
+
+def test_no_apt_says_what_to_install(checkout: Path) -> None:
+    _venv(checkout, "3.11.7")
+    env = _system(checkout, uid=0, sudo=False, apt="exit 1")
+    (Path(env["PATH"]) / "apt-get").unlink()
+    _installed(env, "CHROMIUM")
     done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
-        "shapstream setup: the browser tests need Chromium, and installing it needs root: "
-        "install it (apt-get install chromium), or set CHROMIUM=/path/to/chromium"
+        "shapstream setup: the alert rules' tests need promtool, and there is no apt-get to "
+        "install Debian's: install promtool and set PROMTOOL=/path/to/promtool"
     ]
-    assert [c for c in _calls(checkout) if not c.startswith("id")] == []
+
+
+# A stand-in systemctl: prometheus.service is neither enabled nor active before the install (as
+# systemctl answers of an unknown unit), and `disable` works.
+NEW_UNIT = 'case "$1" in is-enabled|is-active) exit 1 ;; esac'
+DISABLE = "systemctl disable --now --quiet prometheus.service"
+
+
+@pytest.mark.parametrize(("uid", "sudo"), [(0, False), (1000, True)], ids=["root", "sudo"])
+def test_under_systemd_the_server_the_install_started_is_stopped(
+    checkout: Path, uid: int, sudo: bool
+) -> None:
+    _venv(checkout, "3.11.7")
+    apt = f'case "$1" in install) {INSTALLS} ;; esac'
+    env = _system(checkout, uid=uid, sudo=sudo, apt=apt, systemctl=NEW_UNIT)
+    _installed(env, "CHROMIUM")
+    done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
+    as_root = "sudo " if sudo else ""
+    assert (done.returncode, done.stdout) == (0, ""), done.stderr
+    assert done.stderr.splitlines()[1:] == [
+        f"==> only promtool is wanted: {as_root}systemctl disable --now prometheus.service (the "
+        "Prometheus server the package started)"
+    ]
+    calls = [c for c in _calls(checkout) if not c.startswith(("id", "sudo"))]
+    assert calls == [
+        "systemctl is-enabled --quiet prometheus.service",
+        "systemctl is-active --quiet prometheus.service",
+        f"{INSTALL} prometheus",
+        DISABLE,
+    ]
+    if sudo:
+        assert f"sudo {DISABLE}" in _calls(checkout)
+
+
+@pytest.mark.parametrize(
+    ("systemctl", "present"),
+    [
+        # A Prometheus server that ran before (promtool elsewhere than PROMTOOL says) is theirs.
+        ('case "$1" in is-enabled) exit 1 ;; is-active) exit 0 ;; esac', ("CHROMIUM",)),
+        ('case "$1" in is-enabled) exit 0 ;; esac', ("CHROMIUM",)),
+        # Chromium alone: no Prometheus server at all.
+        ("exit 1", ("PROMTOOL",)),
+    ],
+    ids=["active-before", "enabled-before", "chromium-only"],
+)
+def test_under_systemd_a_server_that_was_there_is_left_alone(
+    checkout: Path, systemctl: str, present: tuple[str, ...]
+) -> None:
+    _venv(checkout, "3.11.7")
+    apt = f'case "$1" in install) {INSTALLS} ;; esac'
+    env = _system(checkout, uid=0, sudo=False, apt=apt, systemctl=systemctl)
+    _installed(env, *present)
+    done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
+    assert (done.returncode, done.stdout) == (0, ""), done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert DISABLE not in _calls(checkout)
+
+
+def test_a_failed_disable_is_said_and_setup_goes_on(checkout: Path) -> None:
+    _venv(checkout, "3.11.7")
+    apt = f'case "$1" in install) {INSTALLS} ;; esac'
+    systemctl = (
+        'case "$1" in disable) echo "Failed to disable unit" >&2; exit 1 ;; *) exit 1 ;; esac'
+    )
+    env = _system(checkout, uid=0, sudo=False, apt=apt, systemctl=systemctl)
+    _installed(env, "CHROMIUM")
+    done = _setup(checkout, _python(checkout / "python3.11", "3.11"), want="dev", env=env)
+    assert (done.returncode, done.stdout) == (0, ""), done.stderr
+    assert done.stderr.splitlines()[-2:] == [
+        "Failed to disable unit",
+        "==> could not stop prometheus.service: it serves on :9090 until you do",
+    ]
