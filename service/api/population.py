@@ -154,7 +154,7 @@ async def get_importance(
     """Global importance over the window: mean |phi|, mean phi and std per feature (per class
     for multiclass), largest first, beside the reference's mean |phi|."""
     model = await _version(state, name, version)
-    window = _window(start, end)
+    window = window_of(start, end)
     days = await report.daily(
         state.population, version, report.days_between(window.start, window.end)
     )
@@ -207,7 +207,7 @@ async def get_drift(
     in both, a change of the model's logic only in the attributions): over the window (its days
     merged) and day by day."""
     model = await _version(state, name, version)
-    window = _window(start, end)
+    window = window_of(start, end)
     reference = await report.reference_of(state.population, version)
     if reference is None:
         raise NotFound(
@@ -251,7 +251,7 @@ async def get_reasons(
     """Decisions by outcome and, among denials, how often each reason family was given, by
     day."""
     await _version(state, name, version)
-    window = _window(start, end)
+    window = window_of(start, end)
     days = await report.daily(
         state.population, version, report.days_between(window.start, window.end)
     )
@@ -287,7 +287,9 @@ async def _version(state: AppState, name: str, version: str) -> LoadedModel:
     return await state.registry.get_version(version, state.store.get_model)
 
 
-def _window(start: date | None, end: date | None) -> Window:
+def window_of(start: date | None, end: date | None) -> Window:
+    """The UTC days asked for (both included): the last 7 by default, at most 366; a 422
+    naming `start` otherwise. The console's population page asks the same way."""
     last = end or datetime.now(UTC).date()
     try:
         first = start or last - timedelta(days=DEFAULT_DAYS - 1)

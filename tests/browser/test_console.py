@@ -320,3 +320,52 @@ def test_the_page_read_is_in_the_access_log(page: Page, service: Service) -> Non
             break
         page.wait_for_timeout(100)
     assert reads() > before, f"no explanation.read of {txn} by {DEV_KEY_NAME!r} in the log"
+
+
+def test_population_page_of_the_denied_decisions_model_draws_its_charts(
+    page: Page, service: Service, shoot: Shoot
+) -> None:
+    model = service.explanations[service.denied]["model"]
+    name, version = model["name"], model["version"]
+    api = f"/v1/models/{name}/versions/{version}"
+    auth = {"Authorization": f"Bearer {service.dev_key}"}
+    decided = len(service.explanations)
+    with httpx.Client(base_url=service.base_url, headers=auth, timeout=10) as client:
+        # The worker counts decisions in the population aggregates just after their records.
+        for _ in range(100):
+            importance = client.get(f"{api}/importance")
+            assert importance.status_code == 200, importance.text
+            if importance.json()["decisions"] == decided:
+                break
+            page.wait_for_timeout(100)
+        reasons = client.get(f"{api}/reasons").json()
+    assert importance.json()["decisions"] == decided
+    (output,) = importance.json()["outputs"]
+
+    # From the model page's link, as a person would get there.
+    sign_in(page, service.dev_key)
+    page.goto(f"/ui/models/{name}?version={version}")
+    with page.expect_navigation():
+        page.click("a#population-link")
+    assert path_of(page) == f"/ui/models/{name}/population"
+    assert parse_qs(urlsplit(page.url).query)["version"] == [version]
+    shoot(page, "population")
+
+    bars = page.locator("svg.importance-chart g.imp-bar").evaluate_all(
+        "bars => bars.map(b => [b.getAttribute('data-feature'), b.getAttribute('data-value')])"
+    )
+    assert [(f, float(v)) for f, v in bars] == [
+        (f["feature"], f["mean_abs"]) for f in output["features"]
+    ]
+    features = len(output["features"])
+    for chart in ("svg.importance-chart", "svg.swarm-chart"):
+        box = page.locator(chart).bounding_box()
+        assert box is not None, chart
+        assert box["width"] > 0, chart
+        assert box["height"] > 0, chart
+    assert page.locator("svg.swarm-chart g.swarm-row").count() == features
+    assert page.locator("svg.swarm-chart g.strip.window rect.cell").count() > 0
+    assert page.locator("table#drift-table tbody tr").count() == features
+    assert reasons["denials"] > 0
+    assert page.locator("svg.reason-chart").count() == len(reasons["families"])
+    assert page.locator("table#reasons-table tbody tr").count() == len(reasons["days"])

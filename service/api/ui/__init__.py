@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import RedirectResponse, Response
 
-from service.api.ui import decisions, models, notice, signin
+from service.api.ui import decisions, models, notice, population, signin
 from service.api.ui.pages import CONSOLE_KEY, error_page, make_console
 from service.api.ui.session import CrossSiteRequest, SignInRequired, sign_in_redirect
 from service.errors import Forbidden, ServiceError
@@ -32,7 +32,13 @@ def install_console(app: FastAPI, settings: ConsoleSettings) -> None:
     app.add_api_route("/", _to_console, include_in_schema=False)
     app.add_api_route("/ui", _to_console, include_in_schema=False)
     app.add_api_route("/ui/", _to_decisions, include_in_schema=False)
-    for router in (signin.router, decisions.router, notice.router, models.router):
+    for router in (
+        signin.router,
+        decisions.router,
+        notice.router,
+        models.router,
+        population.router,
+    ):
         app.include_router(router)
     app.mount(STATIC, StaticFiles(packages=[("service.api.ui", "static")]), name="ui-static")
     _render_errors_as_pages(app)

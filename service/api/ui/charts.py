@@ -91,7 +91,7 @@ def waterfall_chart(chart: Waterfall, threshold_margin: float | None) -> Waterfa
                 feature=bar.feature,
                 label=bar.label,
                 shown_value=bar.shown_value,
-                text=_cut(_text(bar.label, bar.shown_value)),
+                text=cut_label(_text(bar.label, bar.shown_value)),
                 full_text=_text(bar.label, bar.shown_value),
                 value=bar.value,
                 value_repr=repr(bar.value),
@@ -116,7 +116,7 @@ def waterfall_chart(chart: Waterfall, threshold_margin: float | None) -> Waterfa
         plot_left=PLOT_LEFT,
         plot_right=PLOT_RIGHT,
         bars=tuple(bars),
-        ticks=_ticks(chart.axis_min, chart.axis_max, x_of),
+        ticks=axis_ticks(chart.axis_min, chart.axis_max, x_of),
         base_x=round(x_of(chart.base), 2),
         fx_x=round(x_of(chart.fx), 2),
         threshold_x=(
@@ -129,25 +129,25 @@ def waterfall_chart(chart: Waterfall, threshold_margin: float | None) -> Waterfa
     )
 
 
-def _ticks(low: float, high: float, x_of: Callable[[float], float]) -> tuple[Tick, ...]:
+def axis_ticks(low: float, high: float, x_of: Callable[[float], float]) -> tuple[Tick, ...]:
     # Round values (multiples of 1, 2 or 5 times a power of ten) inside the axis.
     rough = (high - low) / TICKS
     power = 10.0 ** math.floor(math.log10(rough))
     step = next((s * power for s in (1.0, 2.0, 5.0) if rough <= s * power), 10.0 * power)
     first = math.ceil(low / step)
     values = [k * step for k in range(first, math.floor(high / step) + 1)]
-    return tuple(Tick(round(x_of(value), 2), _short(value)) for value in values)
+    return tuple(Tick(round(x_of(value), 2), short_number(value)) for value in values)
 
 
 def _text(label: str, shown_value: str | None) -> str:
     return label if shown_value is None else f"{label} = {shown_value}"
 
 
-def _cut(text: str) -> str:
-    return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "…"
+def cut_label(text: str, chars: int = LABEL_CHARS) -> str:
+    return text if len(text) <= chars else text[: chars - 1] + "…"
 
 
-def _short(value: float) -> str:
+def short_number(value: float) -> str:
     return f"{value:g}" if abs(value) >= 1e-9 else "0"
 
 
