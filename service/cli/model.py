@@ -2,12 +2,17 @@
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+if TYPE_CHECKING:
+    from service.cli.report import Window
+    from service.settings import Settings
+
 model_app = typer.Typer(
-    no_args_is_help=True, help="Create model directories the service can serve."
+    no_args_is_help=True,
+    help="Create model directories the service can serve; freeze a version's reference.",
 )
 
 ModelFile = Annotated[
@@ -129,6 +134,91 @@ def _write_reference(dest_dir: Path, reference: Path) -> None:
         typer.echo(f"error: the reference: {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"reference: {written.source}, {written.aggregate.count} decisions explained")
+
+
+# Decisions a frozen reference needs at least (`--min-decisions`): the drift rule compares a
+# day only from this many on, and a thinner reference would be noisier than the day.
+MIN_REFERENCE_DECISIONS = 500
+
+FREEZE_HELP = (
+    "Make production days a model version's reference for drift: the stored aggregates of the "
+    "days from --start to --end (UTC, both included) added up and stored as its reference, "
+    "once (a version's reference never changes; one it already has is kept and this is "
+    "refused). For a version served without a reference (`model init --reference` makes one): "
+    "its aggregates were kept on the default edges, which the reference keeps, so the days "
+    "after it compare with it bin for bin.\n\n"
+    "Settings (environment): SHAPSTREAM_MODE, SHAPSTREAM_DATA_DIR, SHAPSTREAM_CASSANDRA_HOSTS, "
+    "SHAPSTREAM_CASSANDRA_KEYSPACE; which store they choose: `shapstream report --help`."
+)
+
+
+@model_app.command("freeze-reference", help=FREEZE_HELP)
+def freeze_reference(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The model's name.")],
+    version: Annotated[
+        str,
+        typer.Argument(
+            metavar="VERSION",
+            help="Its version, or a unique prefix of it (at least 8 characters).",
+        ),
+    ],
+    start: Annotated[str, typer.Option(help="First UTC day, YYYY-MM-DD.")],
+    end: Annotated[str, typer.Option(help="Last UTC day, YYYY-MM-DD, included.")],
+    min_decisions: Annotated[
+        int, typer.Option(min=1, help="Refuse days holding fewer decisions in all.")
+    ] = MIN_REFERENCE_DECISIONS,
+) -> None:
+    """Freeze production days as a version's reference (help: `FREEZE_HELP`)."""
+    import asyncio
+
+    from service.cli.report import window_of
+    from service.cli.stores import store_settings
+
+    window = window_of(start, end)
+    settings = store_settings()
+    frozen = asyncio.run(_freeze(settings, name, version, window, min_decisions))
+    typer.echo(f"reference of {name} version {frozen[0]}: {frozen[1]}")
+
+
+async def _freeze(
+    settings: "Settings", name: str, version: str, window: "Window", min_decisions: int
+) -> tuple[str, str]:
+    """Store the reference; the version and the reference's source."""
+    from service.cli.report import choose, daily, fail, merged, opened_stores
+    from service.core.population.aggregates import Edges
+    from service.core.population.reference import freeze
+    from service.core.population.report import reference_of
+
+    async with opened_stores(settings) as stores:
+        chosen = await choose(stores, settings, name, version)
+        label = f"{chosen.name} version {chosen.version}"
+        existing = await reference_of(stores.population, chosen.version)
+        if existing is not None:
+            fail(
+                f"{label} already has a reference ({existing.source}); a version's reference "
+                "never changes."
+            )
+        schema = chosen.model.schema
+        days = await daily(stores, chosen, window)
+        default = Edges.default(schema).fingerprint
+        other = [day for day, aggregate in days.items() if aggregate.edges != default]
+        if other:
+            fail(
+                f"The aggregates of {label} on {other[0]} were not binned on the default edges "
+                "(the version had a reference when they were kept): they cannot be frozen."
+            )
+        total = merged(days, chosen)
+        count = 0 if total is None else total.count
+        if total is None or count < min_decisions:
+            fail(
+                f"{label} has {count:,} decisions from {window.start} to {window.end}; a "
+                f"reference needs at least {min_decisions:,} (--min-decisions): choose more days."
+            )
+        source = f"production days {window.start} to {window.end} ({count} decisions)"
+        reference = freeze(total, schema, source)
+        if not await stores.population.put_reference(chosen.version, reference.to_bytes()):
+            fail(f"{label} was given a reference meanwhile; a version's reference never changes.")
+        return chosen.version, source
 
 
 DEMO_DIRS = {"xgboost": "models/german-credit", "lightgbm": "models/german-credit-lightgbm"}

@@ -55,7 +55,16 @@ NAMED_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
         )
         for command in [("keys", "create"), ("keys", "list"), ("keys", "revoke")]
     },
-    ("audit", "export"): ("SHAPSTREAM_MODE", "SHAPSTREAM_DATA_DIR", "SHAPSTREAM_CASSANDRA_HOSTS"),
+    **{
+        command: ("SHAPSTREAM_MODE", "SHAPSTREAM_DATA_DIR", "SHAPSTREAM_CASSANDRA_HOSTS")
+        for command in [
+            ("audit", "export"),
+            ("report", "importance"),
+            ("report", "drift"),
+            ("report", "reasons"),
+            ("model", "freeze-reference"),
+        ]
+    },
 }
 # Commands that read no setting a user would change (files and options only).
 READ_NO_SETTINGS = {

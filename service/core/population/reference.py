@@ -84,3 +84,15 @@ def reference_of_records(
         raise ValueError("a reference needs at least one decision")
     edges = reference_edges(records, schema)
     return Reference(edges, Aggregate.of_records(records, schema, edges), source)
+
+
+def freeze(aggregate: Aggregate, schema: ModelSchema, source: str) -> Reference:
+    """The reference frozen from production: the aggregate of its days, on the default edges it
+    was binned on (`shapstream model freeze-reference`). The version's aggregates keep those
+    edges, so its later days compare with it bin for bin."""
+    edges = Edges.default(schema)
+    if aggregate.edges != edges.fingerprint:
+        raise ValueError("the decisions were not binned on the default edges of this schema")
+    if aggregate.count == 0:
+        raise ValueError("a reference needs at least one decision")
+    return Reference(edges, aggregate, source)
