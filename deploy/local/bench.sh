@@ -34,3 +34,9 @@ $PY -m bench.gateway --rounds 3 --seconds 10 --concurrency 16 "$@"
 
 echo "==> end to end: 1,000 decisions/s for 60 s, 3 runs"
 $PY -m bench.e2e --rate 1000 --seconds 60 --runs 3
+
+echo "==> population aggregates: worker CPU per decision with them / without, at 1,000 decisions/s"
+$PY -m bench.population_worker --pairs 3 --decisions 20000 --rate 1000
+
+echo "==> population queries: importance, drift, reasons over 30 days x 86.4 M decisions"
+$PY -m bench.population_queries --days 30 --requests 200

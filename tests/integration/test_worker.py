@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from cassandra.cluster import Session
 
+from service.adapters.cassandra_population import CassandraPopulationStore
 from service.adapters.cassandra_store import CassandraStore, build_cluster
 from service.adapters.kafka_bus import REASON_HEADER, KafkaBus, KafkaSource, ensure_topics
 from service.core.records import DecisionEvent, DecisionRecord, ModelRef
@@ -106,7 +107,9 @@ def env(
 async def store(env: Env, model: LoadedModel) -> AsyncIterator[CassandraStore]:
     opened = await CassandraStore.connect(env.cassandra, RETENTION)
     try:
+        # As `shapstream db migrate` does: the workers keep population aggregates too.
         await opened.migrate()
+        await CassandraPopulationStore(opened).migrate()
         await opened.put_model(model.artifact())
         yield opened
     finally:

@@ -10,9 +10,11 @@ from scipy.stats import ks_2samp  # type: ignore[import-untyped]
 from sklearn.metrics import ndcg_score
 
 from service.core.population.drift import (
+    EXACT_BELOW_N,
     PSI_FLOOR,
     DriftRule,
     compare,
+    compare_all,
     drifting,
     histogram,
     histograms,
@@ -20,6 +22,7 @@ from service.core.population.drift import (
     ks_binned,
     ndcg,
     psi,
+    psi_all,
     quantile_edges,
 )
 
@@ -88,11 +91,12 @@ def test_js_distance_is_scipys_jensenshannon_in_base_2() -> None:
 
 
 @pytest.mark.parametrize(
-    ("n_ref", "n_cur", "seed"), [(2000, 1000, 0), (700, 700, 1), (50, 3000, 2)]
+    ("n_ref", "n_cur", "seed"), [(2000, 1000, 0), (700, 700, 1), (50, 3000, 2), (60, 90, 3)]
 )
 def test_ks_on_values_at_bin_points_is_ks_2samp(n_ref: int, n_cur: int, seed: int) -> None:
     # Integer values, one per bin [i, i + 1): binning loses nothing, so the statistic is
-    # ks_2samp's and the p-value its method="asymp".
+    # ks_2samp's and the p-value its method="asymp" (exactly below EXACT_BELOW_N; above, by
+    # Stephens' corrected limiting distribution, within 5%).
     rng = np.random.default_rng(seed)
     reference = rng.poisson(4.0, n_ref).astype(float)
     current = rng.poisson(4.4, n_cur).astype(float)
@@ -100,7 +104,35 @@ def test_ks_on_values_at_bin_points_is_ks_2samp(n_ref: int, n_cur: int, seed: in
     result = ks_binned(histogram(reference, edges), histogram(current, edges))
     expected = ks_2samp(reference, current, method="asymp")
     assert result.statistic == pytest.approx(expected.statistic, abs=1e-12)
-    assert result.p_value == pytest.approx(expected.pvalue, rel=1e-9, abs=1e-15)
+    if n_ref * n_cur / (n_ref + n_cur) < EXACT_BELOW_N:
+        assert result.p_value == pytest.approx(expected.pvalue, rel=1e-9, abs=1e-15)
+    else:
+        assert result.p_value == pytest.approx(expected.pvalue, rel=0.05, abs=1e-6)
+
+
+def test_all_features_at_once_are_each_compared() -> None:
+    rng = np.random.default_rng(8)
+    reference = rng.integers(0, 50, (6, 9))
+    current = rng.integers(0, 50, (6, 9))
+    current[2] = 0  # no decisions for one feature: NaN figures, never drifting
+    features = [f"f{i}" for i in range(6)]
+    rule = DriftRule(min_decisions=10)
+    together = compare_all(features, reference, current, rule)
+    for i, got in enumerate(together):
+        alone = compare(features[i], reference[i], current[i], rule, len(features))
+        for name in ("psi", "js", "ks", "ks_p_value"):
+            a, b = getattr(got, name), getattr(alone, name)
+            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-12), name
+        assert (got.drifting, got.n_current, got.n_reference) == (
+            alone.drifting,
+            alone.n_current,
+            alone.n_reference,
+        )
+    np.testing.assert_allclose(
+        psi_all(reference, current)[[0, 1, 3, 4, 5]],
+        [psi(reference[i], current[i]) for i in (0, 1, 3, 4, 5)],
+        rtol=1e-12,
+    )
 
 
 def test_binned_ks_is_a_lower_bound_of_the_unbinned_statistic() -> None:

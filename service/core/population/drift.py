@@ -165,23 +165,44 @@ def ks_binned(reference: npt.ArrayLike, current: npt.ArrayLike) -> KsResult:
     unbinned statistic is a maximum over every value, so this one is a lower bound of it (equal
     when each bin holds a single value); a shift inside one bin is invisible.
 
-    The p-value is scipy.stats.ks_2samp's for method="asymp", two-sided: the one-sample
-    Kolmogorov distribution's survival function kstwo.sf(D, round(n1*n2 / (n1 + n2))). Not
-    ks_2samp's default ("exact" for samples up to 10,000), whose cost grows with n1*n2. Binned
-    (tied) data makes it conservative. The counts must be numbers of decisions, not weights.
+    The p-value is two-sided, at the effective sample size n = n1*n2 / (n1 + n2): below
+    EXACT_BELOW_N, scipy.stats.ks_2samp's for method="asymp" (kstwo.sf(D, round(n))); above,
+    Kolmogorov's limiting distribution at (sqrt(n) + 0.12 + 0.11 / sqrt(n)) * D (Stephens),
+    which follows kstwo closely and costs a thousandth of it (see `ks_p_values`). Binned (tied)
+    data makes it conservative. The counts must be numbers of decisions, not weights.
     """
     ref, cur = _counts_pair(reference, current)
     n_ref = float(ref.sum())
     n_cur = float(cur.sum())
     statistic = float(np.max(np.abs(np.cumsum(ref) / n_ref - np.cumsum(cur) / n_cur)))
-    # Imported here, not at the top: scipy.stats takes over a second to import, and processes
-    # that only bin values (`histograms`) never need it.
+    effective_n = n_ref * n_cur / (n_ref + n_cur)
+    p_value = float(ks_p_values(np.array([statistic]), np.array([effective_n]))[0])
+    return KsResult(statistic, p_value)
+
+
+# Below this effective sample size the exact distribution (kstwo) is used; above it,
+# Kolmogorov's limiting one with Stephens' finite-sample correction (within ~3% of kstwo's
+# p-value below 0.01 at n = 200, closer as n grows), a C function ~1,000x cheaper: a drift
+# query computes 20 features x 31 spans.
+EXACT_BELOW_N: Final = 100
+
+
+def ks_p_values(statistics: _Floats, effective_n: _Floats) -> _Floats:
+    """Two-sided p-values of KS statistics at effective sample sizes n1*n2 / (n1 + n2)."""
+    # Imported here, not at the top: scipy takes over a second to import, and processes that
+    # only bin values (`histograms`) never need it.
+    from scipy.special import kolmogorov  # type: ignore[import-untyped]
     from scipy.stats import kstwo  # type: ignore[import-untyped]
 
-    # At least 1: kstwo is undefined for n = 0 (round(0.5) is 0, for n1 = n2 = 1).
-    effective_n = max(round(n_ref * n_cur / (n_ref + n_cur)), 1)
-    p_value = float(np.clip(kstwo.sf(statistic, effective_n), 0.0, 1.0))
-    return KsResult(statistic, p_value)
+    n = np.maximum(np.asarray(effective_n, dtype=np.float64), 1.0)
+    d = np.asarray(statistics, dtype=np.float64)
+    root = np.sqrt(n)
+    values = np.asarray(kolmogorov((root + 0.12 + 0.11 / root) * d), dtype=np.float64)
+    small = n < EXACT_BELOW_N
+    if small.any():
+        # At least 1: kstwo is undefined for n = 0 (round(0.5) is 0, for n1 = n2 = 1).
+        values[small] = kstwo.sf(d[small], np.maximum(np.round(n[small]), 1))
+    return np.clip(values, 0.0, 1.0)
 
 
 def _counts_pair(reference: npt.ArrayLike, current: npt.ArrayLike) -> tuple[_Floats, _Floats]:
@@ -340,3 +361,60 @@ def compare(
         ks_p_value=ks.p_value,
         drifting=drifting(rule, n_current, stability, ks.p_value, n_features),
     )
+
+
+def compare_all(
+    features: Sequence[str],
+    reference: npt.ArrayLike,
+    current: npt.ArrayLike,
+    rule: DriftRule,
+) -> list[FeatureDrift]:
+    """`compare` for every feature at once: rows of `reference` and `current` (features x
+    bins) are the features' histograms. The same figures, computed as arrays (a drift query
+    compares 20 features over 31 spans)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    cur = np.asarray(current, dtype=np.float64)
+    if ref.ndim != 2 or ref.shape != cur.shape or ref.shape[0] != len(features):
+        raise ValueError(f"counts must be features x bins alike, got {ref.shape} and {cur.shape}")
+    n_ref, n_cur = ref.sum(axis=1), cur.sum(axis=1)
+    usable = (n_ref > 0) & (n_cur > 0)
+    safe_ref, safe_cur = np.where(n_ref > 0, n_ref, 1.0), np.where(n_cur > 0, n_cur, 1.0)
+    p, q = ref / safe_ref[:, None], cur / safe_cur[:, None]
+    pf, qf = np.maximum(p, PSI_FLOOR), np.maximum(q, PSI_FLOOR)
+    stability = np.sum((qf - pf) * np.log(qf / pf), axis=1)
+    mixture = (p + q) / 2
+    divergence = (_kl_rows(p, mixture) + _kl_rows(q, mixture)) / 2
+    js = np.sqrt(np.clip(divergence, 0.0, 1.0))
+    ks = np.max(np.abs(np.cumsum(p, axis=1) - np.cumsum(q, axis=1)), axis=1)
+    effective = np.where(usable, n_ref * n_cur / np.maximum(n_ref + n_cur, 1.0), 1.0)
+    p_values = ks_p_values(ks, effective)
+    out = []
+    for i, feature in enumerate(features):
+        if not usable[i]:
+            nan = math.nan
+            out.append(
+                FeatureDrift(feature, int(n_ref[i]), int(n_cur[i]), nan, nan, nan, nan, False)
+            )
+            continue
+        figures = (float(stability[i]), float(js[i]), float(ks[i]), float(p_values[i]))
+        verdict = drifting(rule, int(n_cur[i]), figures[0], figures[3], len(features))
+        out.append(FeatureDrift(feature, int(n_ref[i]), int(n_cur[i]), *figures, verdict))
+    return out
+
+
+def _kl_rows(p: _Floats, mixture: _Floats) -> _Floats:
+    # Empty bins add 0 (the limit of p log p): masked, not computed.
+    ratio = np.divide(p, mixture, out=np.ones_like(p), where=p > 0)
+    return np.asarray(np.sum(p * np.log2(ratio), axis=1), dtype=np.float64)
+
+
+def psi_all(reference: npt.ArrayLike, current: npt.ArrayLike) -> _Floats:
+    """`psi` of each row (a feature's histogram) of two features x bins arrays; NaN for a row
+    with no counts on either side."""
+    ref = np.asarray(reference, dtype=np.float64)
+    cur = np.asarray(current, dtype=np.float64)
+    n_ref, n_cur = ref.sum(axis=1, keepdims=True), cur.sum(axis=1, keepdims=True)
+    p = np.maximum(ref / np.where(n_ref > 0, n_ref, 1.0), PSI_FLOOR)
+    q = np.maximum(cur / np.where(n_cur > 0, n_cur, 1.0), PSI_FLOOR)
+    values = np.sum((q - p) * np.log(q / p), axis=1)
+    return np.where((n_ref[:, 0] > 0) & (n_cur[:, 0] > 0), values, math.nan)

@@ -15,7 +15,7 @@ from datetime import date, timedelta
 import numpy as np
 
 from service.core.population.aggregates import Aggregate, merge_all
-from service.core.population.drift import DriftRule, FeatureDrift, compare, ndcg, psi
+from service.core.population.drift import DriftRule, FeatureDrift, compare_all, ndcg, psi_all
 from service.core.population.reference import Reference
 from service.core.ports import PopulationStore
 from service.core.schema import ModelSchema
@@ -116,19 +116,13 @@ def drift(
     if current.edges != reference.aggregate.edges:
         raise ValueError("the decisions were binned on other edges than the reference's")
     base = reference.aggregate
-    n_features = len(schema.features)
     outputs = []
     for o, name in enumerate(output_names(schema)):
-        figures = [
-            compare(f.name, base.hist[o, i], current.hist[o, i], rule, n_features)
-            for i, f in enumerate(schema.features)
-        ]
+        figures = compare_all(schema.feature_names, base.hist[o], current.hist[o], rule)
         ranking = ndcg(base.abs_sum[o], current.abs_sum[o]) if current.count else math.nan
         outputs.append(OutputDrift(name, ranking, figures))
-    inputs = [
-        InputDrift(f.name, psi(base.inputs[i], current.inputs[i]) if current.count else math.nan)
-        for i, f in enumerate(schema.features)
-    ]
+    stability = psi_all(base.inputs, current.inputs)
+    inputs = [InputDrift(f.name, float(stability[i])) for i, f in enumerate(schema.features)]
     return DriftFigures(current.count, outputs, inputs)
 
 
