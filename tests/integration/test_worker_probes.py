@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 from cassandra.cluster import Session
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.adapters.cassandra_population import CassandraPopulationStore
 from service.adapters.cassandra_store import CassandraStore, build_cluster
 from service.adapters.kafka_bus import KafkaBus, ensure_topics
 from service.core.records import DecisionEvent
@@ -190,7 +191,9 @@ async def test_probes_and_lag_through_a_store_outage(
     keyspace = f"test_probes_{names}"
     direct = CassandraSettings(hosts=_hosts(cassandra_contact), keyspace=keyspace)
     store = await CassandraStore.connect(direct, RETENTION)
+    # As `shapstream db migrate` does: the worker keeps population aggregates too.
     await store.migrate()
+    await CassandraPopulationStore(store).migrate()
     # The worker has no models directory: it loads the version from the store.
     await store.put_model(model.artifact())
     await ensure_topics(kafka)
