@@ -17,7 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date
 
-from service.core.population.aggregates import Aggregate, Edges
+import numpy as np
+
+from service.core.population.aggregates import Aggregate, Binned, Edges
 from service.core.population.reference import Reference
 from service.core.ports import AggregatePart, PopulationStore
 from service.core.records import DecisionRecord
@@ -57,16 +59,24 @@ class PopulationKeeper:
     async def add(self, placed: Sequence[Placed], models: dict[str, LoadedModel]) -> int:
         """Count `placed` in their rows and write the rows; the number of records counted
         (those of a redelivered batch already counted are not)."""
-        groups: dict[Key, list[Placed]] = {}
-        for item in placed:
+        # Each version's records of the batch are binned once, for all the rows they go to.
+        by_version: dict[str, list[int]] = {}
+        groups: dict[Key, list[int]] = {}
+        for index, item in enumerate(placed):
+            version = item.record.model.version
             day = item.record.decided_at.astimezone(UTC).date()
-            groups.setdefault((item.record.model.version, day, item.source), []).append(item)
+            groups.setdefault((version, day, item.source), []).append(index)
+            by_version.setdefault(version, []).append(index)
+        # Where each record sits among its version's.
+        within = {i: at for indices in by_version.values() for at, i in enumerate(indices)}
+        binned: dict[str, Binned] = {}
         updated: dict[Key, _Row] = {}
         counted = 0
-        for key, items in groups.items():
-            model = models[key[0]]
+        for key, indices in groups.items():
+            version = key[0]
+            model = models[version]
             row = await self._row(key, model)
-            new = [i for i in items if i.offset > row.last_offset]
+            new = [i for i in indices if placed[i].offset > row.last_offset]
             if not new:
                 continue
             edges = await self._edges_of(model)
@@ -74,12 +84,15 @@ class PopulationKeeper:
                 log.error(
                     "population row %s is binned on other edges than version %s's: not counted",
                     key,
-                    key[0],
+                    version,
                 )
                 continue
-            added = Aggregate.of_records([i.record for i in new], model.schema, edges)
-            last = max(i.offset for i in new)
-            updated[key] = _Row(last, row.aggregate.merged(added))
+            if version not in binned:
+                records = [placed[i].record for i in by_version[version]]
+                binned[version] = Binned.of(records, model.schema, edges)
+            rows = np.array([within[i] for i in new], dtype=np.intp)
+            added = binned[version].aggregate(rows)
+            updated[key] = _Row(max(placed[i].offset for i in new), row.aggregate.merged(added))
             counted += len(new)
         if updated:
             await self._store.put_parts(

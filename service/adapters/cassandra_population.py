@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
-from cassandra.query import PreparedStatement, SimpleStatement
+from cassandra.query import BatchStatement, BatchType, PreparedStatement, SimpleStatement
 
 from service.adapters.cassandra_session import SCHEMA_TIMEOUT_S, Prepared, execute, prepare
 from service.adapters.cassandra_store import CassandraStore
@@ -88,17 +88,22 @@ class CassandraPopulationStore:
         return AggregatePart(model_version, day, source, row["last_offset"], row["aggregate"])
 
     async def put_parts(self, parts: Sequence[AggregatePart]) -> None:
+        """One request per (version, day): its rows share a partition, so an unlogged batch
+        of them is one write there (a worker's batch touches a row per source, in one or two
+        days)."""
         statements = await self._statements.get()
-        await asyncio.gather(
-            *(
-                execute(
-                    self._session,
-                    statements.upsert_part,
-                    (p.model_version, p.day, p.source, p.last_offset, p.aggregate, self._ttl_s),
-                )
-                for p in parts
-            )
-        )
+        by_partition: dict[tuple[str, date], list[AggregatePart]] = {}
+        for part in parts:
+            by_partition.setdefault((part.model_version, part.day), []).append(part)
+        requests = []
+        for rows in by_partition.values():
+            batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+            batch.is_idempotent = True
+            for p in rows:
+                values = (p.model_version, p.day, p.source, p.last_offset, p.aggregate, self._ttl_s)
+                batch.add(statements.upsert_part, values)
+            requests.append(execute(self._session, batch))
+        await asyncio.gather(*requests)
 
     async def parts(self, model_version: str, days: Sequence[date]) -> list[AggregatePart]:
         statements = await self._statements.get()

@@ -3,6 +3,7 @@ store: equal to a recomputation from the stored records, merged by days, counted
 often a batch is redelivered, drift flags what changed and only that, and versions apart."""
 
 import random
+from bisect import bisect_right
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,7 @@ from service.core.population.gauges import PopulationGauges
 from service.core.population.reference import Reference
 from service.core.records import DecisionEvent, DecisionRecord, ModelRef
 from service.core.registry import LoadedModel
+from service.core.schema import ModelSchema
 from service.metrics import create_metrics
 from service.tools.demo import holdout_split, read_german_credit
 from service.tools.reference import read_rows
@@ -122,6 +124,42 @@ def assert_same(got: Aggregate, expected: Aggregate) -> None:
     assert got.reasons == expected.reasons
 
 
+def naive(records: list[DecisionRecord], schema: ModelSchema, edges: Edges) -> Aggregate:
+    """The aggregate counted record by record, value by value, without the vectorized code."""
+    expected = Aggregate.empty(schema, edges)
+    for record in records:
+        expected.count += 1
+        for o, row in enumerate(record.attributions):
+            for f, attribution in enumerate(row):
+                phi = float(np.float32(attribution))
+                expected.sum[o, f] += phi
+                expected.abs_sum[o, f] += abs(phi)
+                expected.sq_sum[o, f] += phi * phi
+                expected.hist[o, f, bisect_right(list(edges.attributions[o][f]), phi)] += 1
+        for f, feature in enumerate(schema.features):
+            value = record.features.get(feature.name)
+            numeric = edges.inputs[f]
+            missing = expected.inputs.shape[1] - 1
+            if value is None:
+                cell = missing
+            elif numeric is not None:
+                cell = bisect_right(list(numeric), float(value))
+            else:
+                cell = feature.categories.index(str(value))
+            expected.inputs[f, cell] += 1
+        outcome = record.prediction.decision  # type: ignore[union-attr]
+        expected.outcomes[outcome] = expected.outcomes.get(outcome, 0) + 1
+        if outcome == "deny":
+            expected.denials += 1
+            for family in {r.family for r in record.reasons}:
+                expected.reasons[family] = expected.reasons.get(family, 0) + 1
+        if record.protected_share is not None:
+            expected.shares[min(int(record.protected_share * 10), 9)] += 1
+    expected.outcomes = dict(sorted(expected.outcomes.items()))
+    expected.reasons = dict(sorted(expected.reasons.items()))
+    return expected
+
+
 def days_of(records: list[DecisionRecord]) -> dict[date, list[DecisionRecord]]:
     by_day: dict[date, list[DecisionRecord]] = {}
     for record in records:
@@ -138,6 +176,7 @@ async def test_rollups_equal_a_recomputation_and_a_window_the_merge_of_its_days(
     daily = await report.daily(referenced, model.version, window)
     assert sorted(daily) == window
     for day, day_records in days_of(records).items():
+        assert_same(daily[day], naive(day_records, model.schema, reference.edges))
         assert_same(daily[day], Aggregate.of_records(day_records, model.schema, reference.edges))
     merged = merge_all(daily.values())
     assert merged is not None

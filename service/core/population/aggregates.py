@@ -144,24 +144,7 @@ class Aggregate:
         cls, records: Sequence[DecisionRecord], schema: ModelSchema, edges: Edges
     ) -> "Aggregate":
         """The aggregate of `records` (all of one model version, whose schema is `schema`)."""
-        aggregate = cls.empty(schema, edges)
-        if not records:
-            return aggregate
-        # As stored: float32 values (service/core/integrity.py's canonical form).
-        phi = np.asarray([r.attributions for r in records], dtype=np.float32).astype(np.float64)
-        aggregate.count = len(records)
-        aggregate.sum = phi.sum(axis=0)
-        aggregate.abs_sum = np.abs(phi).sum(axis=0)
-        aggregate.sq_sum = np.square(phi).sum(axis=0)
-        aggregate.hist = _attribution_histograms(phi, edges)
-        aggregate.inputs = _input_histograms(records, schema, edges, aggregate.inputs.shape[1])
-        aggregate.outcomes = dict(sorted(Counter(outcome(r) for r in records).items()))
-        denied = [r for r in records if is_denial(r)]
-        aggregate.denials = len(denied)
-        families = Counter(f for r in denied for f in {x.family for x in r.reasons})
-        aggregate.reasons = dict(sorted(families.items()))
-        aggregate.shares = _share_histogram(r.protected_share for r in records)
-        return aggregate
+        return Binned.of(records, schema, edges).aggregate(np.arange(len(records)))
 
     def merged(self, other: "Aggregate") -> "Aggregate":
         """The aggregate of both sets (which must be disjoint and binned on the same edges)."""
@@ -226,6 +209,91 @@ class Aggregate:
         )
 
 
+@dataclass(frozen=True)
+class Binned:
+    """Records of one model version, binned once: `aggregate` sums any subset of them.
+
+    A worker's batch holds decisions of several sources and days (several aggregate rows):
+    binning the batch once and summing each row's share costs one pass per batch, not one per
+    row.
+    """
+
+    schema: ModelSchema
+    edges: Edges
+    records: Sequence[DecisionRecord]
+    # As stored: float32 values (service/core/integrity.py's canonical form), (n, outputs,
+    # features).
+    phi: FloatArray
+    # Each record's cell in the flattened (outputs, features, width) histogram, per (output,
+    # feature); and in the flattened (features, input width) one, per feature.
+    cells: NDArray[np.intp]
+    input_cells: NDArray[np.intp]
+
+    @classmethod
+    def of(cls, records: Sequence[DecisionRecord], schema: ModelSchema, edges: Edges) -> "Binned":
+        phi = np.asarray([r.attributions for r in records], dtype=np.float32).astype(np.float64)
+        phi = phi.reshape(len(records), schema.outputs, len(schema.features))
+        width = edges.width
+        cells = np.empty((len(records), schema.outputs * len(schema.features)), dtype=np.intp)
+        for o in range(schema.outputs):
+            for f in range(len(schema.features)):
+                column = o * len(schema.features) + f
+                cells[:, column] = column * width + bin_index(
+                    phi[:, o, f], edges.attributions[o][f]
+                )
+        input_width = edges.input_width(schema)
+        input_cells = np.empty((len(records), len(schema.features)), dtype=np.intp)
+        for f, feature in enumerate(schema.features):
+            values = [r.features.get(feature.name) for r in records]
+            input_cells[:, f] = f * input_width + _input_bins(
+                values, feature.categories, edges.inputs[f], input_width - 1
+            )
+        return cls(schema, edges, records, phi, cells, input_cells)
+
+    def aggregate(self, rows: NDArray[np.intp]) -> Aggregate:
+        """The aggregate of the records at `rows`."""
+        aggregate = Aggregate.empty(self.schema, self.edges)
+        if not len(rows):
+            return aggregate
+        phi = self.phi[rows]
+        chosen = [self.records[i] for i in rows]
+        aggregate.count = len(rows)
+        aggregate.sum = phi.sum(axis=0)
+        aggregate.abs_sum = np.abs(phi).sum(axis=0)
+        aggregate.sq_sum = np.square(phi).sum(axis=0)
+        aggregate.hist = np.bincount(
+            self.cells[rows].ravel(), minlength=aggregate.hist.size
+        ).reshape(aggregate.hist.shape)
+        aggregate.inputs = np.bincount(
+            self.input_cells[rows].ravel(), minlength=aggregate.inputs.size
+        ).reshape(aggregate.inputs.shape)
+        aggregate.outcomes = dict(sorted(Counter(outcome(r) for r in chosen).items()))
+        denied = [r for r in chosen if is_denial(r)]
+        aggregate.denials = len(denied)
+        families = Counter(f for r in denied for f in {x.family for x in r.reasons})
+        aggregate.reasons = dict(sorted(families.items()))
+        aggregate.shares = _share_histogram(r.protected_share for r in chosen)
+        return aggregate
+
+
+def _input_bins(
+    values: Sequence[object],
+    categories: Sequence[str],
+    numeric: FloatArray | None,
+    missing: int,
+) -> NDArray[np.intp]:
+    """Each value's bin: a numeric one's on `numeric`, a category's code, else `missing`."""
+    if numeric is not None:
+        present = np.array(
+            [v if isinstance(v, int | float) else np.nan for v in values], dtype=np.float64
+        )
+        return np.where(np.isnan(present), missing, bin_index(present, numeric))
+    codes = {c: i for i, c in enumerate(categories)}
+    return np.array(
+        [codes.get(v, missing) if isinstance(v, str) else missing for v in values], dtype=np.intp
+    )
+
+
 def merge_all(aggregates: Iterable[Aggregate]) -> Aggregate | None:
     """The sum of `aggregates` (None when there are none)."""
     total: Aggregate | None = None
@@ -252,37 +320,6 @@ def is_denial(record: DecisionRecord) -> bool:
 def bin_index(values: FloatArray, edges: FloatArray) -> NDArray[np.intp]:
     """0 below the first edge, i for [edges[i-1], edges[i]), len(edges) at or above the last."""
     return np.searchsorted(edges, values, side="right")
-
-
-def _attribution_histograms(phi: FloatArray, edges: Edges) -> CountArray:
-    _, outputs, features = phi.shape
-    width = edges.width
-    hist = np.zeros((outputs, features, width), dtype=np.int64)
-    for o in range(outputs):
-        for f in range(features):
-            index = bin_index(phi[:, o, f], edges.attributions[o][f])
-            hist[o, f] = np.bincount(index, minlength=width)
-    return hist
-
-
-def _input_histograms(
-    records: Sequence[DecisionRecord], schema: ModelSchema, edges: Edges, width: int
-) -> CountArray:
-    counts = np.zeros((len(schema.features), width), dtype=np.int64)
-    missing = width - 1
-    for f, (feature, numeric) in enumerate(zip(schema.features, edges.inputs, strict=True)):
-        values = [r.features.get(feature.name) for r in records]
-        if numeric is not None:
-            present = np.array([v for v in values if isinstance(v, int | float)], dtype=np.float64)
-            counts[f, : len(numeric) + 1] = np.bincount(
-                bin_index(present, numeric), minlength=len(numeric) + 1
-            )
-            counts[f, missing] = len(values) - len(present)
-        else:
-            codes = {c: i for i, c in enumerate(feature.categories)}
-            for value in values:
-                counts[f, codes.get(value, missing) if isinstance(value, str) else missing] += 1
-    return counts
 
 
 def _share_histogram(shares: Iterable[float | None]) -> CountArray:
