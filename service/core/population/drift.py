@@ -165,11 +165,10 @@ def ks_binned(reference: npt.ArrayLike, current: npt.ArrayLike) -> KsResult:
     unbinned statistic is a maximum over every value, so this one is a lower bound of it (equal
     when each bin holds a single value); a shift inside one bin is invisible.
 
-    The p-value is two-sided, at the effective sample size n = n1*n2 / (n1 + n2): below
-    EXACT_BELOW_N, scipy.stats.ks_2samp's for method="asymp" (kstwo.sf(D, round(n))); above,
-    Kolmogorov's limiting distribution at (sqrt(n) + 0.12 + 0.11 / sqrt(n)) * D (Stephens),
-    which follows kstwo closely and costs a thousandth of it (see `ks_p_values`). Binned (tied)
-    data makes it conservative. The counts must be numbers of decisions, not weights.
+    The p-value is two-sided, at the effective sample size n = n1*n2 / (n1 + n2), from
+    Kolmogorov's limiting distribution with Stephens' correction (see `ks_p_values`; close to
+    scipy.stats.ks_2samp's method="asymp"). Binned (tied) data makes it conservative. The
+    counts must be numbers of decisions, not weights.
     """
     ref, cur = _counts_pair(reference, current)
     n_ref = float(ref.sum())
@@ -180,29 +179,39 @@ def ks_binned(reference: npt.ArrayLike, current: npt.ArrayLike) -> KsResult:
     return KsResult(statistic, p_value)
 
 
-# Below this effective sample size the exact distribution (kstwo) is used; above it,
-# Kolmogorov's limiting one with Stephens' finite-sample correction (within ~3% of kstwo's
-# p-value below 0.01 at n = 200, closer as n grows), a C function ~1,000x cheaper: a drift
-# query computes 20 features x 31 spans.
-EXACT_BELOW_N: Final = 100
+# Terms of the Kolmogorov series: past 7 they are below 1e-20 where each form is used.
+_SERIES_TERMS: Final = 7
+# Below it, the series in exp(-(2k-1)^2 pi^2 / 8x^2) converges fast; above, the one in
+# exp(-2 k^2 x^2) (Numerical Recipes' switch).
+_SERIES_SWITCH: Final = 1.18
 
 
 def ks_p_values(statistics: _Floats, effective_n: _Floats) -> _Floats:
-    """Two-sided p-values of KS statistics at effective sample sizes n1*n2 / (n1 + n2)."""
-    # Imported here, not at the top: scipy takes over a second to import, and processes that
-    # only bin values (`histograms`) never need it.
-    from scipy.special import kolmogorov  # type: ignore[import-untyped]
-    from scipy.stats import kstwo  # type: ignore[import-untyped]
-
+    """Two-sided p-values of KS statistics at effective sample sizes n = n1*n2 / (n1 + n2):
+    Kolmogorov's limiting distribution at (sqrt(n) + 0.12 + 0.11 / sqrt(n)) * D (Stephens'
+    finite-sample correction), in NumPy. Against the exact distribution (scipy's kstwo) it is
+    within 0.012 for n >= 100 (3% relative below p = 0.01) and within 0.023 for n >= 10. No
+    scipy: it takes a second to import, which a gateway refreshing its gauges must not spend
+    holding the interpreter."""
     n = np.maximum(np.asarray(effective_n, dtype=np.float64), 1.0)
     d = np.asarray(statistics, dtype=np.float64)
     root = np.sqrt(n)
-    values = np.asarray(kolmogorov((root + 0.12 + 0.11 / root) * d), dtype=np.float64)
-    small = n < EXACT_BELOW_N
-    if small.any():
-        # At least 1: kstwo is undefined for n = 0 (round(0.5) is 0, for n1 = n2 = 1).
-        values[small] = kstwo.sf(d[small], np.maximum(np.round(n[small]), 1))
-    return np.clip(values, 0.0, 1.0)
+    return kolmogorov_sf((root + 0.12 + 0.11 / root) * d)
+
+
+def kolmogorov_sf(x: _Floats) -> _Floats:
+    """P(K > x) of the Kolmogorov distribution (scipy.special.kolmogorov), for arrays."""
+    x = np.asarray(x, dtype=np.float64)
+    k = np.arange(1, _SERIES_TERMS + 1, dtype=np.float64)[:, None]
+    small = x < _SERIES_SWITCH
+    # Each form where it converges; the other side gets a harmless stand-in value.
+    low = np.where(small, np.maximum(x, 1e-3), 1.0)
+    high = np.where(small, _SERIES_SWITCH, x)
+    terms = np.exp(-((2 * k - 1) ** 2) * np.pi**2 / (8 * low**2))
+    cdf = np.sqrt(2 * np.pi) / low * terms.sum(axis=0)
+    signs = np.where(k % 2 == 1, 1.0, -1.0)
+    tail = 2 * (signs * np.exp(-2 * k**2 * high**2)).sum(axis=0)
+    return np.asarray(np.clip(np.where(small, 1.0 - cdf, tail), 0.0, 1.0), dtype=np.float64)
 
 
 def _counts_pair(reference: npt.ArrayLike, current: npt.ArrayLike) -> tuple[_Floats, _Floats]:

@@ -8,7 +8,6 @@ outcome or reason family.
 """
 
 import asyncio
-import importlib
 import logging
 import math
 import time
@@ -43,8 +42,6 @@ class PopulationGauges:
 
     async def run(self, stop: asyncio.Event, refresh_s: float) -> None:
         """Refresh until `stop` is set; a failed refresh is logged and tried again later."""
-        # The KS test's scipy.stats takes a second to import: not on the event loop.
-        await asyncio.to_thread(importlib.import_module, "scipy.stats")
         while not stop.is_set():
             try:
                 await self.refresh()
