@@ -1,5 +1,6 @@
 """What routes receive: the state the lifespan opened."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from typing import Annotated, Any, TypeVar
@@ -58,35 +59,31 @@ async def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 
-def _not_a_number(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return value
-    if isinstance(value, str | int | float):
-        raise ValueError("must be a date-time with a time zone (RFC 3339), not a number")
-    return value
+def _not_a_number(expected: str) -> Callable[[Any], Any]:
+    """A validator refusing a number (or numeric text) where `expected` is due."""
 
+    def check(value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                return value
+        if isinstance(value, str | int | float):
+            raise ValueError(f"must be {expected}, not a number")
+        return value
 
-def _a_day_not_a_number(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return value
-    if isinstance(value, str | int | float):
-        raise ValueError("must be a date (YYYY-MM-DD), not a number")
-    return value
+    return check
 
 
 # A date as the OpenAPI document states it (YYYY-MM-DD): pydantic alone would also read a bare
 # number as a Unix time.
-Day = Annotated[date, BeforeValidator(_a_day_not_a_number)]
+Day = Annotated[date, BeforeValidator(_not_a_number("a date (YYYY-MM-DD)"))]
 
 # A date-time as the OpenAPI document states it (RFC 3339, with a time zone): pydantic alone would
 # also read a bare number ("0.5") as a Unix time.
-DateTime = Annotated[AwareDatetime, BeforeValidator(_not_a_number)]
+DateTime = Annotated[
+    AwareDatetime, BeforeValidator(_not_a_number("a date-time with a time zone (RFC 3339)"))
+]
 
 
 JSON_MEDIA_TYPE = "application/json"

@@ -153,11 +153,7 @@ async def get_importance(
 ) -> ImportanceView:
     """Global importance over the window: mean |phi|, mean phi and std per feature (per class
     for multiclass), largest first, beside the reference's mean |phi|."""
-    model = await _version(state, name, version)
-    window = window_of(start, end)
-    days = await report.daily(
-        state.population, version, report.days_between(window.start, window.end)
-    )
+    model, window, days = await _window_days(state, name, version, start, end)
     reference = await report.reference_of(state.population, version)
     total = merge_all(days.values()) or Aggregate.empty(model.schema, _edges(model, reference))
     reference_rows = (
@@ -206,8 +202,7 @@ async def get_drift(
     distance, KS), the nDCG of the importance ranking, and the inputs' PSI (a data shift shows
     in both, a change of the model's logic only in the attributions): over the window (its days
     merged) and day by day."""
-    model = await _version(state, name, version)
-    window = window_of(start, end)
+    model, window, days = await _window_days(state, name, version, start, end)
     reference = await report.reference_of(state.population, version)
     if reference is None:
         raise NotFound(
@@ -215,9 +210,6 @@ async def get_drift(
             "`shapstream model init ... --reference DATA.csv`, or freeze production days with "
             "`shapstream model freeze-reference`."
         )
-    days = await report.daily(
-        state.population, version, report.days_between(window.start, window.end)
-    )
     total = merge_all(days.values()) or Aggregate.empty(model.schema, reference.edges)
     return DriftView(
         model=ModelRef(name=name, version=version),
@@ -250,11 +242,7 @@ async def get_reasons(
 ) -> ReasonsView:
     """Decisions by outcome and, among denials, how often each reason family was given, by
     day."""
-    await _version(state, name, version)
-    window = window_of(start, end)
-    days = await report.daily(
-        state.population, version, report.days_between(window.start, window.end)
-    )
+    _model, window, days = await _window_days(state, name, version, start, end)
     rows = report.reasons(days)
     families: dict[str, int] = {}
     for row in rows:
@@ -278,6 +266,18 @@ async def get_reasons(
             for r in rows
         ],
     )
+
+
+async def _window_days(
+    state: AppState, name: str, version: str, start: date | None, end: date | None
+) -> tuple[LoadedModel, Window, dict[date, Aggregate]]:
+    """The version (404 unless it is `name`'s), the window asked for, its days' aggregates."""
+    model = await _version(state, name, version)
+    window = window_of(start, end)
+    days = await report.daily(
+        state.population, version, report.days_between(window.start, window.end)
+    )
+    return model, window, days
 
 
 async def _version(state: AppState, name: str, version: str) -> LoadedModel:
