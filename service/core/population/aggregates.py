@@ -11,7 +11,6 @@ from the stored records.
 """
 
 import hashlib
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -214,13 +213,12 @@ class Binned:
     """Records of one model version, binned once: `aggregate` sums any subset of them.
 
     A worker's batch holds decisions of several sources and days (several aggregate rows):
-    binning the batch once and summing each row's share costs one pass per batch, not one per
-    row.
+    binning the batch once and summing each row's share with array operations costs one
+    Python pass over the records per batch, not one per row.
     """
 
     schema: ModelSchema
     edges: Edges
-    records: Sequence[DecisionRecord]
     # As stored: float32 values (service/core/integrity.py's canonical form), (n, outputs,
     # features).
     phi: FloatArray
@@ -228,27 +226,60 @@ class Binned:
     # feature); and in the flattened (features, input width) one, per feature.
     cells: NDArray[np.intp]
     input_cells: NDArray[np.intp]
+    # Each record's outcome (an index into `outcome_names`), whether it is a denial, the
+    # reason families (schema order) among its reasons, and its protected share's bin (-1:
+    # none).
+    outcome_names: tuple[str, ...]
+    outcomes: NDArray[np.intp]
+    denied: NDArray[np.bool_]
+    families: NDArray[np.bool_]
+    shares: NDArray[np.intp]
 
     @classmethod
     def of(cls, records: Sequence[DecisionRecord], schema: ModelSchema, edges: Edges) -> "Binned":
+        n, features = len(records), len(schema.features)
         phi = np.asarray([r.attributions for r in records], dtype=np.float32).astype(np.float64)
-        phi = phi.reshape(len(records), schema.outputs, len(schema.features))
+        phi = phi.reshape(n, schema.outputs, features)
         width = edges.width
-        cells = np.empty((len(records), schema.outputs * len(schema.features)), dtype=np.intp)
+        cells = np.empty((n, schema.outputs * features), dtype=np.intp)
         for o in range(schema.outputs):
-            for f in range(len(schema.features)):
-                column = o * len(schema.features) + f
-                cells[:, column] = column * width + bin_index(
-                    phi[:, o, f], edges.attributions[o][f]
-                )
+            for f in range(features):
+                column = o * features + f
+                index = bin_index(phi[:, o, f], edges.attributions[o][f])
+                cells[:, column] = column * width + index
+        names = schema.feature_names
+        table = ([r.features.get(name) for name in names] for r in records)
+        columns = list(zip(*table, strict=True))
         input_width = edges.input_width(schema)
-        input_cells = np.empty((len(records), len(schema.features)), dtype=np.intp)
+        input_cells = np.empty((n, features), dtype=np.intp)
         for f, feature in enumerate(schema.features):
-            values = [r.features.get(feature.name) for r in records]
-            input_cells[:, f] = f * input_width + _input_bins(
-                values, feature.categories, edges.inputs[f], input_width - 1
-            )
-        return cls(schema, edges, records, phi, cells, input_cells)
+            values = columns[f] if columns else ()
+            bins = _input_bins(values, feature.categories, edges.inputs[f], input_width - 1)
+            input_cells[:, f] = f * input_width + bins
+        outcome_names, outcome_codes = np.unique([outcome(r) for r in records], return_inverse=True)
+        denied = np.array([is_denial(r) for r in records], dtype=np.bool_)
+        family_index = {family.name: i for i, family in enumerate(schema.families)}
+        families = np.zeros((n, len(family_index)), dtype=np.bool_)
+        for i, record in enumerate(records):
+            if denied[i]:
+                for reason in record.reasons:
+                    families[i, family_index[reason.family]] = True
+        shares = np.array(
+            [-1 if r.protected_share is None else _share_bin(r.protected_share) for r in records],
+            dtype=np.intp,
+        )
+        return cls(
+            schema,
+            edges,
+            phi,
+            cells,
+            input_cells,
+            tuple(str(name) for name in outcome_names),
+            outcome_codes.astype(np.intp).reshape(n),
+            denied,
+            families,
+            shares,
+        )
 
     def aggregate(self, rows: NDArray[np.intp]) -> Aggregate:
         """The aggregate of the records at `rows`."""
@@ -256,7 +287,6 @@ class Binned:
         if not len(rows):
             return aggregate
         phi = self.phi[rows]
-        chosen = [self.records[i] for i in rows]
         aggregate.count = len(rows)
         aggregate.sum = phi.sum(axis=0)
         aggregate.abs_sum = np.abs(phi).sum(axis=0)
@@ -267,12 +297,23 @@ class Binned:
         aggregate.inputs = np.bincount(
             self.input_cells[rows].ravel(), minlength=aggregate.inputs.size
         ).reshape(aggregate.inputs.shape)
-        aggregate.outcomes = dict(sorted(Counter(outcome(r) for r in chosen).items()))
-        denied = [r for r in chosen if is_denial(r)]
-        aggregate.denials = len(denied)
-        families = Counter(f for r in denied for f in {x.family for x in r.reasons})
-        aggregate.reasons = dict(sorted(families.items()))
-        aggregate.shares = _share_histogram(r.protected_share for r in chosen)
+        outcomes = np.bincount(self.outcomes[rows], minlength=len(self.outcome_names))
+        aggregate.outcomes = {
+            name: int(count)
+            for name, count in zip(self.outcome_names, outcomes, strict=True)
+            if count
+        }
+        aggregate.denials = int(self.denied[rows].sum())
+        given = self.families[rows].sum(axis=0)
+        aggregate.reasons = dict(
+            sorted(
+                (family.name, int(count))
+                for family, count in zip(self.schema.families, given, strict=True)
+                if count
+            )
+        )
+        shares = self.shares[rows]
+        aggregate.shares = np.bincount(shares[shares >= 0], minlength=SHARE_BINS).astype(np.int64)
         return aggregate
 
 
@@ -284,9 +325,7 @@ def _input_bins(
 ) -> NDArray[np.intp]:
     """Each value's bin: a numeric one's on `numeric`, a category's code, else `missing`."""
     if numeric is not None:
-        present = np.array(
-            [v if isinstance(v, int | float) else np.nan for v in values], dtype=np.float64
-        )
+        present = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
         return np.where(np.isnan(present), missing, bin_index(present, numeric))
     codes = {c: i for i, c in enumerate(categories)}
     return np.array(
@@ -322,10 +361,8 @@ def bin_index(values: FloatArray, edges: FloatArray) -> NDArray[np.intp]:
     return np.searchsorted(edges, values, side="right")
 
 
-def _share_histogram(shares: Iterable[float | None]) -> CountArray:
-    known = np.array([s for s in shares if s is not None], dtype=np.float64)
-    index = np.clip((known * SHARE_BINS).astype(np.int64), 0, SHARE_BINS - 1)
-    return np.bincount(index, minlength=SHARE_BINS).astype(np.int64)
+def _share_bin(share: float) -> int:
+    return min(max(int(share * SHARE_BINS), 0), SHARE_BINS - 1)
 
 
 def _add(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
