@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from cassandra.query import BoundStatement, PreparedStatement, SimpleStatement
+from cassandra.query import BoundStatement, PreparedStatement
 
 from service.adapters.cassandra_session import (
-    SCHEMA_TIMEOUT_S,
     Prepared,
+    create_tables,
     execute,
     from_driver,
     prepare,
@@ -109,9 +109,7 @@ class CassandraAccessStore:
 
     async def migrate(self) -> None:
         """Create the tables (the keyspace comes from the explanation store's `migrate`)."""
-        for cql in SCHEMA:
-            statement = SimpleStatement(cql.format(keyspace=self._keyspace))
-            await execute(self._session, statement, timeout_s=SCHEMA_TIMEOUT_S)
+        await create_tables(self._session, self._keyspace, SCHEMA)
 
     async def put_key(self, key: ApiKey) -> None:
         statements = await self._statements.get()

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
-from cassandra.query import BatchStatement, BatchType, PreparedStatement, SimpleStatement
+from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
-from service.adapters.cassandra_session import SCHEMA_TIMEOUT_S, Prepared, execute, prepare
+from service.adapters.cassandra_session import Prepared, create_tables, execute, prepare
 from service.adapters.cassandra_store import CassandraStore
 from service.adapters.record_codec import to_epoch_ms
 from service.core.ports import AggregatePart
@@ -75,9 +75,7 @@ class CassandraPopulationStore:
         self._statements = Prepared(self._prepare_all)
 
     async def migrate(self) -> None:
-        for cql in SCHEMA:
-            statement = SimpleStatement(cql.format(keyspace=self._keyspace))
-            await execute(self._session, statement, timeout_s=SCHEMA_TIMEOUT_S)
+        await create_tables(self._session, self._keyspace, SCHEMA)
 
     async def get_part(self, model_version: str, day: date, source: str) -> AggregatePart | None:
         statements = await self._statements.get()

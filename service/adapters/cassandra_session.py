@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 from cassandra import InvalidRequest, OperationTimedOut, RequestExecutionException
 from cassandra.cluster import NoHostAvailable, ResponseFuture, Session
 from cassandra.connection import ConnectionBusy, ConnectionException
-from cassandra.query import PreparedStatement, Statement
+from cassandra.query import PreparedStatement, SimpleStatement, Statement
 
 from service.adapters.record_codec import from_epoch_ms
 from service.errors import StoreUnavailable
@@ -139,3 +139,10 @@ def driver_ms(moment: datetime) -> int:
 def from_driver(moment: datetime) -> datetime:
     """A `timestamp` the driver read back, as the aware UTC datetime that was stored."""
     return from_epoch_ms(driver_ms(moment))
+
+
+async def create_tables(session: Session, keyspace: str, schema: Sequence[str]) -> None:
+    """Run an adapter's CREATE ... IF NOT EXISTS statements (each safe to repeat)."""
+    for cql in schema:
+        statement = SimpleStatement(cql.format(keyspace=keyspace))
+        await execute(session, statement, timeout_s=SCHEMA_TIMEOUT_S)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from service.adapters.sqlite_store import SqliteStore, retention_ms
+from service.adapters.sqlite_store import SqliteStore, retention_ms, transaction
 from service.core.access import AccessEntry, Action, ApiKey, parse_scopes
 
 CREATE_API_KEYS = """
@@ -126,14 +126,8 @@ class SqliteAccessStore:
 
 
 def _insert_all(connection: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-    # The connection is in autocommit mode: the block is one explicit transaction.
-    connection.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(connection):
         connection.executemany(INSERT_ENTRY, rows)
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    connection.execute("COMMIT")
 
 
 def _migrate(connection: sqlite3.Connection) -> None:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from datetime import date
 
-from service.adapters.sqlite_store import SqliteStore, retention_ms
+from service.adapters.sqlite_store import SqliteStore, retention_ms, transaction
 from service.core.ports import AggregatePart
 
 CREATE_PARTS = """
@@ -106,13 +106,8 @@ class SqlitePopulationStore:
 
 def _upsert_all(connection: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -> None:
     # One transaction: a batch's parts are written together or not at all.
-    connection.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(connection):
         connection.executemany(UPSERT_PART, rows)
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    connection.execute("COMMIT")
 
 
 def _migrate(connection: sqlite3.Connection) -> None:

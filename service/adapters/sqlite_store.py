@@ -204,7 +204,8 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 @contextmanager
-def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
+def transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    """One explicit transaction on an autocommit connection; rolled back if the block raises."""
     # IMMEDIATE takes the write lock up front, so a read-then-write cannot be overtaken.
     connection.execute("BEGIN IMMEDIATE")
     try:
@@ -367,7 +368,7 @@ class SqliteStore:
             raise StoreUnavailable(f"the SQLite store did not answer ({exc})") from exc
 
     def _migrate(self) -> None:
-        with _transaction(self._connection):
+        with transaction(self._connection):
             for statement in SCHEMA:
                 self._connection.execute(statement)
             present = {name for (name,) in self._connection.execute(SELECT_DECISION_COLUMNS)}
@@ -384,7 +385,7 @@ class SqliteStore:
         return rows
 
     def _write(self, rows: list[tuple[Any, ...]], claim_rows: list[tuple[Any, ...]]) -> None:
-        with _transaction(self._connection):
+        with transaction(self._connection):
             self._connection.executemany(UPSERT_DECISION, rows)
             self._connection.executemany(UPSERT_CLAIM, claim_rows)
 
@@ -397,7 +398,7 @@ class SqliteStore:
         return found
 
     def _put_model(self, artifact: ModelArtifact, feature_names: list[str], now_ms: int) -> None:
-        with _transaction(self._connection):
+        with transaction(self._connection):
             self._connection.execute(
                 INSERT_MODEL,
                 (
